@@ -1,0 +1,54 @@
+"""Atomic file output: write to a temporary file in the target folder, then rename.
+
+A crash or an exception while writing never leaves a half-written file under the
+final name (POSIX ``rename`` within one file system is atomic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _suffixes(path: Path) -> str:
+    # keep ".nii.gz" etc. so that libraries choosing a writer by suffix still work
+    return "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
+
+    The temporary name keeps the final suffixes (``.nii.gz``) and starts with a dot,
+    so directory listings and globbing for results do not pick it up. On error it is
+    removed and the exception propagates.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{final.name}.", suffix=".part" + _suffixes(final), dir=final.parent
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; return the final path."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically; return the final path."""
+    return write_bytes_atomic(path, text.encode("utf-8"))

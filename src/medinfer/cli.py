@@ -1,0 +1,93 @@
+"""The ``medinfer`` command line: one command with sub-commands.
+
+Each front-door sub-package contributes its sub-commands through a module with a
+``register(app: typer.Typer) -> None`` function, listed in ``_PLUGINS``. Heavy
+imports (torch, MONAI, FastAPI) happen inside the commands, not at start-up.
+
+Exit codes: 0 success, 1 unexpected internal error, 2 bad input (any
+:class:`medinfer.errors.MedinferError`, usage errors, missing input files); the
+message goes to stderr without a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+import click
+import typer
+
+from medinfer.errors import MedinferError
+
+app = typer.Typer(
+    name="medinfer",
+    help="Run trained 3D medical-imaging models on real scans (NIfTI, DICOM).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+#: modules that contribute sub-commands via ``register(app)``
+_PLUGINS: list[str] = [
+    "medinfer.inference.cli",
+]
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress and timings."),
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command("version")
+def version() -> None:
+    """Print the medinfer version."""
+    from medinfer import __version__
+
+    typer.echo(__version__)
+
+
+def _register_plugins() -> None:
+    for name in _PLUGINS:
+        importlib.import_module(name).register(app)
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stderr.write(f"medinfer: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point; maps input errors to exit code 2 with a one-line message."""
+    _register_plugins()
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(
+            args=list(argv) if argv is not None else None,
+            prog_name="medinfer",
+            standalone_mode=False,
+        )
+    except click.exceptions.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(2) from None
+    except MedinferError as exc:
+        _fail(str(exc), 2)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        _fail(f"{exc.strerror or exc}: {exc.filename}", 2)
+    raise SystemExit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
