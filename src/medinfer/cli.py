@@ -16,7 +16,6 @@ import logging
 import sys
 from collections.abc import Sequence
 
-import click
 import typer
 
 from medinfer.errors import MedinferError
@@ -66,27 +65,17 @@ def _fail(message: str, code: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point; maps input errors to exit code 2 with a one-line message."""
+    """Console entry point; maps input errors to exit code 2 with a one-line message.
+
+    Usage errors (unknown command, bad option) are reported by typer with exit code 2.
+    """
     _register_plugins()
-    command = typer.main.get_command(app)
     try:
-        rv = command.main(
-            args=list(argv) if argv is not None else None,
-            prog_name="medinfer",
-            standalone_mode=False,
-        )
-    except click.exceptions.Exit as exc:
-        raise SystemExit(exc.exit_code) from None
-    except click.exceptions.Abort:
-        _fail("aborted", 130)
-    except click.ClickException as exc:
-        exc.show()
-        raise SystemExit(2) from None
+        app(args=list(argv) if argv is not None else None, prog_name="medinfer")
     except MedinferError as exc:
         _fail(str(exc), 2)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         _fail(f"{exc.strerror or exc}: {exc.filename}", 2)
-    raise SystemExit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

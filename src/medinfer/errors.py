@@ -29,7 +29,7 @@ class SeriesSelectionError(MedinferError):
 
 
 class ResourceLimitError(MedinferError):
-    """The input would need more memory or disk than allowed (e.g. a header claiming 10^12 voxels)."""
+    """The input would need more memory or disk than allowed (e.g. a 10^12-voxel header)."""
 
 
 class ModelError(MedinferError):

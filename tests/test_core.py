@@ -1,0 +1,50 @@
+"""Tests of the shared helpers: atomic writes, enum parsing, the CLI frame."""
+
+import enum
+from pathlib import Path
+
+import pytest
+
+from medinfer._atomic import atomic_path, write_text_atomic
+from medinfer.cli import main
+from medinfer.errors import ConfigError, parse_enum
+
+
+class Blend(enum.Enum):
+    GAUSSIAN = "gaussian"
+    CONSTANT = "constant"
+
+
+def test_parse_enum_accepts_members_and_strings_and_lists_allowed():
+    assert parse_enum(Blend, "Gaussian", "blending") is Blend.GAUSSIAN
+    assert parse_enum(Blend, Blend.CONSTANT, "blending") is Blend.CONSTANT
+    with pytest.raises(ConfigError, match=r"blending: 'linearx'.*'gaussian', 'constant'"):
+        parse_enum(Blend, "linearx", "blending")
+
+
+def test_atomic_path_leaves_nothing_on_error(tmp_path: Path):
+    target = tmp_path / "out" / "case_seg.nii.gz"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        assert tmp.name.endswith(".nii.gz") and tmp.parent == target.parent
+        tmp.write_bytes(b"half")
+        raise RuntimeError("crash while writing")
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+
+
+def test_atomic_write_replaces_existing(tmp_path: Path):
+    target = tmp_path / "a.json"
+    write_text_atomic(target, "one")
+    write_text_atomic(target, "two")
+    assert target.read_text() == "two"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_cli_version_and_usage_error_exit_codes(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == "0.1.0"
+    with pytest.raises(SystemExit) as exc:
+        main(["no-such-command"])
+    assert exc.value.code == 2
