@@ -1,0 +1,214 @@
+"""Intensity normalisation of a :class:`~medinfer.volume.Volume` (per channel, float32).
+
+``spec`` is the ``intensity`` mapping of a model card's input contract::
+
+    {"method": "ct_window", "min_hu": -1000, "max_hu": 400}
+    {"method": "percentile", "lower": 0.5, "upper": 99.5, "nonzero": True}
+    {"method": "zscore", "nonzero": True}
+    {"method": "none"}
+
+Percentiles and z-score statistics are computed per channel. Percentiles are exact
+(``numpy.percentile``, linear method, which selects with ``np.partition``) for up to
+:data:`PERCENTILE_EXACT_MAX` sample voxels; above that they are computed on a
+deterministic regular subsample of about that many voxels (every n-th voxel in memory
+order), which moves 0.5/99.5 percentiles by far less than one grey level of a real scan
+and keeps 512x512x600 volumes well under a second. Mean and standard deviation are
+accumulated in float64 over slabs (no float64 copy of the volume).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+from medinfer.errors import ConfigError, parse_enum
+from medinfer.volume import Volume
+
+__all__ = ["PERCENTILE_EXACT_MAX", "IntensityMethod", "normalize_intensity"]
+
+#: Sample count above which percentiles use a deterministic regular subsample.
+PERCENTILE_EXACT_MAX = 8_000_000
+#: Standard deviation floor of z-score normalisation (as nnU-Net).
+_STD_EPS = 1e-8
+_SLAB_VOXELS = 4_000_000
+
+
+class IntensityMethod(StrEnum):
+    """Allowed values of ``spec["method"]``."""
+
+    CT_WINDOW = "ct_window"
+    PERCENTILE = "percentile"
+    ZSCORE = "zscore"
+    NONE = "none"
+
+
+_KEYS: dict[IntensityMethod, dict[str, Any]] = {
+    IntensityMethod.CT_WINDOW: {"min_hu": None, "max_hu": None},
+    IntensityMethod.PERCENTILE: {"lower": 0.5, "upper": 99.5, "nonzero": False},
+    IntensityMethod.ZSCORE: {"nonzero": False},
+    IntensityMethod.NONE: {},
+}
+
+
+def _number(spec: Mapping[str, Any], key: str, default: Any) -> float:
+    if key not in spec:
+        if default is None:
+            raise ConfigError(f"intensity.{key}: required for this method, missing")
+        return float(default)
+    v = spec[key]
+    if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating):
+        raise ConfigError(f"intensity.{key}: expected a number, got {v!r}")
+    f = float(v)
+    if not np.isfinite(f):
+        raise ConfigError(f"intensity.{key}: expected a finite number, got {v!r}")
+    return f
+
+
+def _flag(spec: Mapping[str, Any], key: str, default: bool) -> bool:
+    v = spec.get(key, default)
+    if not isinstance(v, bool | np.bool_):
+        raise ConfigError(f"intensity.{key}: expected true or false, got {v!r}")
+    return bool(v)
+
+
+def _parse(spec: Mapping[str, Any]) -> tuple[IntensityMethod, dict[str, Any]]:
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"intensity: expected a mapping with a 'method' key, got {spec!r}")
+    if "method" not in spec:
+        allowed = ", ".join(repr(m.value) for m in IntensityMethod)
+        raise ConfigError(f"intensity.method: missing; choose one of {allowed}")
+    method = parse_enum(IntensityMethod, spec["method"], "intensity.method")
+    allowed_keys = {"method", *_KEYS[method]}
+    extra = sorted(str(k) for k in spec if k not in allowed_keys)
+    if extra:
+        raise ConfigError(
+            f"intensity.{extra[0]}: unknown key for method {method.value!r}; allowed keys "
+            f"are {sorted(allowed_keys)}"
+        )
+    p: dict[str, Any] = {}
+    if method is IntensityMethod.CT_WINDOW:
+        p["min_hu"] = _number(spec, "min_hu", None)
+        p["max_hu"] = _number(spec, "max_hu", None)
+        if not p["max_hu"] > p["min_hu"]:
+            raise ConfigError(
+                f"intensity.max_hu: must be greater than min_hu ({p['min_hu']}), "
+                f"got {p['max_hu']}"
+            )
+    elif method is IntensityMethod.PERCENTILE:
+        p["lower"] = _number(spec, "lower", 0.5)
+        p["upper"] = _number(spec, "upper", 99.5)
+        for key in ("lower", "upper"):
+            if not 0.0 <= p[key] <= 100.0:
+                raise ConfigError(f"intensity.{key}: expected a percentile in [0, 100], "
+                                  f"got {p[key]}")
+        if not p["upper"] > p["lower"]:
+            raise ConfigError(
+                f"intensity.upper: must be greater than lower ({p['lower']}), got {p['upper']}"
+            )
+        p["nonzero"] = _flag(spec, "nonzero", False)
+    elif method is IntensityMethod.ZSCORE:
+        p["nonzero"] = _flag(spec, "nonzero", False)
+    return method, p
+
+
+def _sample(values: np.ndarray) -> np.ndarray:
+    """Deterministic regular subsample of a 1-D/flat array to ~PERCENTILE_EXACT_MAX."""
+    if values.size <= PERCENTILE_EXACT_MAX:
+        return values
+    step = -(-values.size // PERCENTILE_EXACT_MAX)
+    return values[::step]
+
+
+def _percentiles(ch: np.ndarray, lower: float, upper: float, nonzero: bool) -> tuple[float, float]:
+    flat = ch.reshape(-1)
+    if nonzero:
+        if flat.size > PERCENTILE_EXACT_MAX:
+            flat = _sample(flat)
+        vals = flat[flat != 0]
+        if vals.size == 0:
+            return 0.0, 0.0
+    else:
+        vals = _sample(flat)
+    lo, hi = np.percentile(vals, [lower, upper])
+    return float(lo), float(hi)
+
+
+def _mean_std(ch: np.ndarray, mask: np.ndarray | None) -> tuple[float, float]:
+    n = 0
+    s = 0.0
+    slab = max(1, _SLAB_VOXELS // max(1, ch[0].size))
+    for i in range(0, ch.shape[0], slab):
+        v = ch[i:i + slab] if mask is None else ch[i:i + slab][mask[i:i + slab]]
+        n += v.size
+        s += float(np.sum(v, dtype=np.float64))
+    if n == 0:
+        return 0.0, 1.0
+    mean = s / n
+    ss = 0.0
+    for i in range(0, ch.shape[0], slab):
+        v = ch[i:i + slab] if mask is None else ch[i:i + slab][mask[i:i + slab]]
+        d = v.astype(np.float64) - mean
+        ss += float(np.dot(d.reshape(-1), d.reshape(-1)))
+    return mean, float(np.sqrt(ss / n))
+
+
+def normalize_intensity(volume: Volume, spec: Mapping[str, Any]) -> Volume:
+    """Normalise intensities per channel; returns a float32 Volume on the same grid.
+
+    Parameters
+    ----------
+    volume : Volume ``(C, I, J, K)``, any numeric dtype (CT in HU for ``ct_window``).
+    spec : mapping with ``"method"`` and its keys:
+
+        ``ct_window`` (``min_hu``, ``max_hu``, required, ``max_hu > min_hu``)
+            clip to ``[min_hu, max_hu]`` then ``(x - min_hu) / (max_hu - min_hu)``,
+            giving ``[0, 1]``.
+        ``percentile`` (``lower`` = 0.5, ``upper`` = 99.5 in [0, 100]; ``nonzero`` = False)
+            ``lo, hi`` = the percentiles of the channel (of its non-zero voxels only if
+            ``nonzero``); clip every voxel to ``[lo, hi]`` then ``(x - lo) / (hi - lo)``
+            (all 0 if ``hi == lo``).
+        ``zscore`` (``nonzero`` = False)
+            ``(x - mean) / max(std, 1e-8)``; with ``nonzero`` the statistics use the
+            non-zero voxels only and voxels outside that mask are set to 0, as nnU-Net's
+            ``use_mask_for_norm`` (ZScoreNormalization).
+        ``none``
+            cast to float32.
+
+    Returns
+    -------
+    Volume, float32 ``(C, I, J, K)``, same affine and meta.
+
+    Raises
+    ------
+    ConfigError
+        Missing or unknown ``method``, unknown key, or a bad value; the message names the
+        key (``intensity.<key>``) and what is allowed.
+    """
+    method, p = _parse(spec)
+    out = volume.array.astype(np.float32, copy=True)
+    for c in range(out.shape[0]):
+        ch = out[c]
+        if method is IntensityMethod.CT_WINDOW:
+            lo, hi = p["min_hu"], p["max_hu"]
+            np.clip(ch, lo, hi, out=ch)
+            ch -= np.float32(lo)
+            ch *= np.float32(1.0 / (hi - lo))
+        elif method is IntensityMethod.PERCENTILE:
+            lo, hi = _percentiles(ch, p["lower"], p["upper"], p["nonzero"])
+            if hi > lo:
+                np.clip(ch, lo, hi, out=ch)
+                ch -= np.float32(lo)
+                ch *= np.float32(1.0 / (hi - lo))
+            else:
+                ch[...] = 0.0
+        elif method is IntensityMethod.ZSCORE:
+            mask = (volume.array[c] != 0) if p["nonzero"] else None
+            mean, std = _mean_std(ch, mask)
+            ch -= np.float32(mean)
+            ch *= np.float32(1.0 / max(std, _STD_EPS))
+            if mask is not None:
+                ch[~mask] = 0.0
+    return volume.with_array(out)

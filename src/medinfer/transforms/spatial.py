@@ -1,0 +1,928 @@
+"""Geometry-aware spatial transforms with exact inverses.
+
+Every function here works on :class:`medinfer.volume.Volume` (array ``(C, I, J, K)``,
+affine voxel index -> RAS+ mm) and returns a new Volume whose affine says exactly where
+its voxels lie in the world. Because the affines are exact, any grid can be carried
+back to any other grid by composing affines (target voxel -> world -> source voxel);
+that is how :func:`to_source_grid` returns model outputs to the scan's grid with one
+interpolation.
+
+Conventions
+-----------
+Orientation codes
+    Three letters, nibabel convention: letter n names the world direction towards which
+    voxel axis n increases (``"RAS"``: I -> Right, J -> Anterior, K -> Superior).
+    Reorientation is a pure axis permutation plus flips (no interpolation); for oblique
+    affines the voxel axis closest to each world axis is chosen
+    (:func:`nibabel.orientations.io_orientation`), the obliquity is kept in the affine.
+Resampling to a spacing
+    Along the voxel axes (as nnU-Net and MONAI do): the direction cosines of the affine
+    are kept, only the column lengths change. New shape ``n' = max(1, floor(n * s / s'
+    + 0.5))`` per axis, and the output spacing is exactly ``s'``. The grid is **centred**:
+    the centre of the field of view, voxel ``(n - 1) / 2`` of the source, is voxel
+    ``(n' - 1) / 2`` of the output (``x_src = (n - 1) / 2 + (i' - (n' - 1) / 2) * s' / s``).
+    With ``s' = s`` this is the identity, and for integer ratios the outer edges of the
+    two fields of view coincide (corner-consistent, like ``align_corners=False``).
+Interpolation
+    ``"linear"`` is trilinear (tensor product of 1-D linear interpolation), for images,
+    probabilities and logits; ``"nearest"`` picks the nearest voxel (ties round up), for
+    label maps, and keeps the dtype. Sample points outside the input grid are clamped to
+    its border (edge values are repeated, like ITK's/scipy's ``mode="nearest"`` and torch's
+    ``padding_mode="border"``); for probability maps this gives the edge probability,
+    which is the background value wherever the model grid covers the scan.
+Speed
+    When the voxel-to-voxel map between two grids is a signed permutation of a diagonal
+    matrix (always the case between a scan and its model grid, since reorientation is a
+    permutation and resampling scales the voxel axes), interpolation is separable: it is
+    done as up to three 1-D passes on float32 data, with plain slicing (no copy, no
+    arithmetic) along axes where the map is an integer shift or flip. Other maps (e.g.
+    an oblique model grid) go through :func:`torch.nn.functional.grid_sample`
+    (``align_corners=True`` voxel-centre maths, ``padding_mode="border"``) in slabs. See
+    ``benchmarks/resample_back.py`` for measurements against scipy and MONAI.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from medinfer.errors import ConfigError, GeometryError, parse_enum
+from medinfer.volume import Volume, validate_affine
+
+__all__ = [
+    "CropPadRecord",
+    "Interpolation",
+    "PadMode",
+    "SpatialRecord",
+    "crop_or_pad",
+    "crop_to_nonzero",
+    "invert_crop_or_pad",
+    "pad_to_multiple",
+    "reorient",
+    "resample_to_grid",
+    "resample_to_spacing",
+    "resampled_grid",
+    "to_model_grid",
+    "to_source_grid",
+    "uncrop",
+]
+
+# Largest tolerated deviation (in voxels, over the whole output extent) from a separable
+# voxel-to-voxel map before the general (oblique) path is used.
+_SEPARABLE_TOL_VOX = 1e-4
+# Fractional positions closer than this to an integer are treated as exact grid points.
+_SNAP_VOX = 1e-5
+# Target size of temporary slabs in the interpolation passes.
+_SLAB_BYTES = 32 * 2**20
+
+
+class Interpolation(StrEnum):
+    """Interpolation of :func:`resample_to_grid` and friends."""
+
+    LINEAR = "linear"
+    NEAREST = "nearest"
+
+
+class PadMode(StrEnum):
+    """How :func:`crop_or_pad` / :func:`pad_to_multiple` fill new voxels."""
+
+    CONSTANT = "constant"
+    EDGE = "edge"
+
+
+# =============================================================================== records
+def _affine_tuple(a: npt.ArrayLike) -> tuple[tuple[float, ...], ...]:
+    arr = np.asarray(a, dtype=np.float64)
+    return tuple(tuple(float(v) for v in row) for row in arr)
+
+
+def _shape3(s: Sequence[int], name: str) -> tuple[int, int, int]:
+    try:
+        t = tuple(int(v) for v in s)
+    except (TypeError, ValueError) as exc:
+        raise GeometryError(f"{name}: expected 3 positive integers, got {s!r}") from exc
+    if len(t) != 3 or any(v < 1 for v in t):
+        raise GeometryError(f"{name}: expected 3 positive integers, got {s!r}")
+    return (t[0], t[1], t[2])
+
+
+@dataclass(frozen=True)
+class SpatialRecord:
+    """What :func:`to_model_grid` did, enough to return to the source grid exactly.
+
+    Attributes
+    ----------
+    source_shape : ``(I, J, K)`` of the source scan.
+    source_affine : 4x4 voxel -> RAS+ mm of the source scan (nested tuples of float).
+    model_shape : ``(I, J, K)`` of the model grid.
+    model_affine : 4x4 voxel -> RAS+ mm of the model grid.
+    steps : the steps done, in order, as JSON-friendly dicts, e.g.
+        ``{"op": "reorient", "from": "LPS", "to": "RAS"}`` and
+        ``{"op": "resample", "from_spacing": [...], "to_spacing": [...],
+        "interpolation": "linear"}``.
+
+    ``to_dict`` / ``from_dict`` give a JSON-serialisable round trip (``json.dumps``).
+    """
+
+    source_shape: tuple[int, int, int]
+    source_affine: tuple[tuple[float, ...], ...]
+    model_shape: tuple[int, int, int]
+    model_affine: tuple[tuple[float, ...], ...]
+    steps: tuple[Mapping[str, Any], ...] = ()
+
+    @property
+    def source_affine_array(self) -> np.ndarray:
+        """``source_affine`` as a float64 (4, 4) array (a new copy)."""
+        return np.array(self.source_affine, dtype=np.float64)
+
+    @property
+    def model_affine_array(self) -> np.ndarray:
+        """``model_affine`` as a float64 (4, 4) array (a new copy)."""
+        return np.array(self.model_affine, dtype=np.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (lists, floats, ints, strings)."""
+        return {
+            "source_shape": list(self.source_shape),
+            "source_affine": [list(r) for r in self.source_affine],
+            "model_shape": list(self.model_shape),
+            "model_affine": [list(r) for r in self.model_affine],
+            "steps": [dict(s) for s in self.steps],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SpatialRecord:
+        """Rebuild a record from :meth:`to_dict` output.
+
+        Raises
+        ------
+        GeometryError
+            A key is missing, a shape is not 3 positive integers or an affine is invalid.
+        """
+        missing = [
+            k for k in ("source_shape", "source_affine", "model_shape", "model_affine")
+            if k not in data
+        ]
+        if missing:
+            raise GeometryError(f"SpatialRecord: missing key(s) {missing}")
+        steps = data.get("steps", [])
+        if not isinstance(steps, Sequence) or not all(isinstance(s, Mapping) for s in steps):
+            raise GeometryError("SpatialRecord: 'steps' must be a list of objects")
+        return cls(
+            source_shape=_shape3(data["source_shape"], "SpatialRecord.source_shape"),
+            source_affine=_affine_tuple(
+                validate_affine(data["source_affine"], "SpatialRecord.source_affine")
+            ),
+            model_shape=_shape3(data["model_shape"], "SpatialRecord.model_shape"),
+            model_affine=_affine_tuple(
+                validate_affine(data["model_affine"], "SpatialRecord.model_affine")
+            ),
+            steps=tuple(dict(s) for s in steps),
+        )
+
+
+@dataclass(frozen=True)
+class CropPadRecord:
+    """What :func:`crop_or_pad`, :func:`pad_to_multiple` or :func:`crop_to_nonzero` did.
+
+    Attributes
+    ----------
+    source_shape : ``(I, J, K)`` before the step.
+    source_affine : 4x4 voxel -> RAS+ mm before the step.
+    start : source voxel index of output voxel ``(0, 0, 0)`` per axis; negative where
+        voxels were padded before the source.
+    shape : ``(I, J, K)`` after the step.
+
+    Output voxel ``o`` is source voxel ``o + start``; the output affine is
+    ``source_affine @ translate(start)``.
+    """
+
+    source_shape: tuple[int, int, int]
+    source_affine: tuple[tuple[float, ...], ...]
+    start: tuple[int, int, int]
+    shape: tuple[int, int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict."""
+        return {
+            "source_shape": list(self.source_shape),
+            "source_affine": [list(r) for r in self.source_affine],
+            "start": list(self.start),
+            "shape": list(self.shape),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CropPadRecord:
+        """Rebuild from :meth:`to_dict` output (raises :class:`GeometryError` if invalid)."""
+        try:
+            start = tuple(int(v) for v in data["start"])
+            return cls(
+                source_shape=_shape3(data["source_shape"], "CropPadRecord.source_shape"),
+                source_affine=_affine_tuple(
+                    validate_affine(data["source_affine"], "CropPadRecord.source_affine")
+                ),
+                start=(start[0], start[1], start[2]),
+                shape=_shape3(data["shape"], "CropPadRecord.shape"),
+            )
+        except (KeyError, IndexError, TypeError) as exc:
+            raise GeometryError(f"CropPadRecord: invalid record ({exc!r})") from exc
+
+
+# ============================================================================ orientation
+_AXIS_PAIRS = ({"L", "R"}, {"A", "P"}, {"S", "I"})
+
+
+def _check_code(code: str, name: str = "orientation") -> str:
+    if not isinstance(code, str):
+        raise ConfigError(f"{name}: expected a 3-letter code such as 'RAS', got {code!r}")
+    c = code.upper()
+    ok = len(c) == 3 and all(
+        sum(letter in pair for letter in c) == 1 for pair in _AXIS_PAIRS
+    )
+    if not ok:
+        raise ConfigError(
+            f"{name}: {code!r} is not an orientation code; use 3 letters, one of L/R, "
+            "one of A/P and one of S/I in any order (e.g. 'RAS', 'LPS', 'PIR')"
+        )
+    return c
+
+
+def _reorient_transform(
+    affine: np.ndarray, shape: tuple[int, int, int], code: str
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+    """Return (ornt, new_affine, new_shape) for reorienting to ``code``."""
+    import nibabel.orientations as nio
+
+    start = nio.io_orientation(affine)
+    end = nio.axcodes2ornt(tuple(code))
+    ornt = nio.ornt_transform(start, end)
+    new_affine = affine @ nio.inv_ornt_aff(ornt, shape)
+    new_shape = [0, 0, 0]
+    for ax in range(3):
+        new_shape[int(ornt[ax, 0])] = shape[ax]
+    return ornt, new_affine, (new_shape[0], new_shape[1], new_shape[2])
+
+
+def reorient(volume: Volume, code: str) -> Volume:
+    """Reorient ``volume`` to orientation ``code`` by permuting and flipping voxel axes.
+
+    Exact: no interpolation; every voxel keeps its value and its world position (the
+    affine is updated). Channels are untouched.
+
+    Parameters
+    ----------
+    volume : Volume, array ``(C, I, J, K)``, any dtype.
+    code : 3-letter orientation code (nibabel convention), e.g. ``"RAS"``, ``"LPS"``,
+        ``"PIR"``; case-insensitive.
+
+    Returns
+    -------
+    Volume
+        Contiguous array ``(C, I', J', K')`` (a permutation of I, J, K), same dtype and
+        meta; affine voxel -> RAS+ mm whose :attr:`Volume.orientation` is ``code``.
+
+    Raises
+    ------
+    ConfigError
+        ``code`` is not a valid orientation code.
+
+    Notes
+    -----
+    Source: :func:`nibabel.orientations.ornt_transform` / ``inv_ornt_aff``, as in
+    ``nibabel.Nifti1Image.as_reoriented``.
+    """
+    c = _check_code(code)
+    ornt, new_affine, _ = _reorient_transform(volume.affine, volume.spatial_shape, c)
+    arr = volume.array
+    for ax in range(3):
+        if ornt[ax, 1] == -1:
+            arr = np.flip(arr, axis=ax + 1)
+    order = np.argsort(ornt[:, 0])
+    arr = arr.transpose(0, *(int(o) + 1 for o in order))
+    return Volume(np.ascontiguousarray(arr), new_affine, volume.meta)
+
+
+# ============================================================================ resampling
+def _check_spacing(spacing: Sequence[float], name: str = "spacing") -> np.ndarray:
+    try:
+        s = np.asarray([float(v) for v in spacing], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"{name}: expected 3 positive numbers (mm), got {spacing!r}"
+        ) from exc
+    if s.shape != (3,) or not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise ConfigError(f"{name}: expected 3 positive numbers (mm), got {spacing!r}")
+    return s
+
+
+def resampled_grid(
+    shape: Sequence[int], affine: npt.ArrayLike, spacing: Sequence[float]
+) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Grid of :func:`resample_to_spacing` without touching any data.
+
+    Parameters
+    ----------
+    shape : ``(I, J, K)`` of the input grid.
+    affine : 4x4 voxel -> RAS+ mm of the input grid.
+    spacing : target voxel size in mm along the voxel axes I, J, K.
+
+    Returns
+    -------
+    (new_shape, new_affine)
+        ``new_shape[n] = max(1, floor(shape[n] * s[n] / spacing[n] + 0.5))``; the new
+        affine keeps the direction cosines, has column lengths ``spacing`` and is
+        centred on the same field-of-view centre (see the module notes).
+
+    Raises
+    ------
+    ConfigError
+        ``spacing`` is not 3 positive finite numbers.
+    """
+    a = validate_affine(affine)
+    n = np.asarray(_shape3(shape, "shape"), dtype=np.float64)
+    new_s = _check_spacing(spacing)
+    old_s = np.linalg.norm(a[:3, :3], axis=0)
+    same = np.abs(new_s - old_s) <= 1e-6 * old_s
+    new_s = np.where(same, old_s, new_s)
+    new_n = np.where(same, n, np.maximum(1.0, np.floor(n * old_s / new_s + 0.5)))
+    scale = new_s / old_s
+    t = np.eye(4)
+    t[:3, :3] = np.diag(scale)
+    t[:3, 3] = (n - 1) / 2 - (new_n - 1) / 2 * scale
+    new_shape = (int(new_n[0]), int(new_n[1]), int(new_n[2]))
+    return new_shape, a @ t
+
+
+def resample_to_spacing(
+    volume: Volume,
+    spacing: Sequence[float],
+    interpolation: Interpolation | str = Interpolation.LINEAR,
+) -> Volume:
+    """Resample ``volume`` to voxel size ``spacing`` (mm) along its voxel axes.
+
+    Parameters
+    ----------
+    volume : Volume ``(C, I, J, K)``.
+    spacing : target voxel size in mm along I, J, K (the array's axes, not world axes).
+    interpolation : ``"linear"`` (output float32, float64 kept) or ``"nearest"``
+        (dtype kept).
+
+    Returns
+    -------
+    Volume on the grid of :func:`resampled_grid`; direction cosines unchanged, field of
+    view centred (see module notes). Axes whose spacing is unchanged are not touched.
+
+    Raises
+    ------
+    ConfigError
+        Bad ``spacing`` or ``interpolation``.
+    """
+    shape, affine = resampled_grid(volume.spatial_shape, volume.affine, spacing)
+    return resample_to_grid(volume, shape, affine, interpolation=interpolation)
+
+
+def _out_dtype(dtype: np.dtype, interp: Interpolation) -> np.dtype:
+    if interp is Interpolation.NEAREST:
+        return dtype
+    if dtype == np.float64:
+        return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
+
+def _separable_perm(m: np.ndarray, dst_shape: tuple[int, int, int]) -> list[int] | None:
+    """perm[c] = source axis driven by output axis c, if the 3x3 map is separable."""
+    perm: list[int] = []
+    for c in range(3):
+        col = np.abs(m[:, c])
+        r = int(np.argmax(col))
+        rest = float(col.sum() - col[r])
+        if rest * max(dst_shape[c] - 1, 1) > _SEPARABLE_TOL_VOX:
+            return None
+        perm.append(r)
+    if sorted(perm) != [0, 1, 2]:
+        return None
+    return perm
+
+
+class _AxisPlan:
+    """One 1-D pass: slice (view), take (gather) or lerp (linear interpolation)."""
+
+    def __init__(self, coords: np.ndarray, n: int, interp: Interpolation) -> None:
+        x = np.clip(coords, 0.0, n - 1.0)
+        self.m = int(coords.shape[0])
+        self.n = n
+        self.kind: str
+        self.sl: slice | None = None
+        self.i0 = np.zeros(0, dtype=np.intp)
+        self.i1 = np.zeros(0, dtype=np.intp)
+        self.w = np.zeros(0, dtype=np.float64)
+        if interp is Interpolation.NEAREST:
+            xs = np.round(x / _SNAP_VOX) * _SNAP_VOX
+            idx = np.clip(np.floor(xs + 0.5), 0, n - 1).astype(np.intp)
+            self._gather(idx)
+            return
+        i0 = np.floor(x)
+        w = x - i0
+        up = w > 1.0 - _SNAP_VOX
+        i0[up] += 1.0
+        w[up] = 0.0
+        w[w < _SNAP_VOX] = 0.0
+        i0i = np.clip(i0, 0, n - 1).astype(np.intp)
+        if not np.any(w):
+            self._gather(i0i)
+            return
+        self.kind = "lerp"
+        self.i0 = i0i
+        self.i1 = np.minimum(i0i + 1, n - 1)
+        self.w = w
+
+    def _gather(self, idx: np.ndarray) -> None:
+        self.i0 = idx
+        self.kind = "take"
+        if idx.shape[0] == 1:
+            self.kind, self.sl = "slice", slice(int(idx[0]), int(idx[0]) + 1)
+            return
+        step = int(idx[1] - idx[0])
+        if step != 0 and np.all(np.diff(idx) == step):
+            stop = int(idx[-1]) + step
+            self.kind = "slice"
+            self.sl = slice(int(idx[0]), None if stop < 0 else stop, step)
+
+    @property
+    def identity(self) -> bool:
+        return self.kind == "slice" and self.m == self.n and self.sl == slice(0, self.n, 1)
+
+
+def _take_axis(arr: np.ndarray, axis: int, idx: np.ndarray) -> np.ndarray:
+    return np.take(arr, idx, axis=axis)
+
+
+def _lerp_axis(arr: np.ndarray, axis: int, plan: _AxisPlan, dtype: np.dtype) -> np.ndarray:
+    """Linear interpolation along ``axis`` into a new ``dtype`` array, in slabs."""
+    out_shape = list(arr.shape)
+    out_shape[axis] = plan.m
+    out = np.empty(out_shape, dtype=dtype)
+    slab = int(np.prod(arr.shape)) // arr.shape[axis] * dtype.itemsize
+    step = max(1, _SLAB_BYTES // max(slab, 1))
+    w_shape = [1] * arr.ndim
+    for t0 in range(0, plan.m, step):
+        t1 = min(plan.m, t0 + step)
+        a0 = np.take(arr, plan.i0[t0:t1], axis=axis).astype(dtype, copy=False)
+        a1 = np.take(arr, plan.i1[t0:t1], axis=axis).astype(dtype, copy=False)
+        w_shape[axis] = t1 - t0
+        w = plan.w[t0:t1].astype(dtype).reshape(w_shape)
+        np.subtract(a1, a0, out=a1)
+        np.multiply(a1, w, out=a1)
+        idx: list[slice] = [slice(None)] * arr.ndim
+        idx[axis] = slice(t0, t1)
+        np.add(a0, a1, out=out[tuple(idx)])
+    return out
+
+
+def _resample_separable(
+    src: np.ndarray,
+    perm: list[int],
+    m: np.ndarray,
+    dst_shape: tuple[int, int, int],
+    interp: Interpolation,
+    out_dtype: np.dtype,
+) -> np.ndarray:
+    # bring source axes into output order: output axis c <- source axis perm[c]
+    arr = src.transpose(0, *(p + 1 for p in perm))
+    plans = []
+    for c in range(3):
+        r = perm[c]
+        coords = m[r, c] * np.arange(dst_shape[c], dtype=np.float64) + m[r, 3]
+        plans.append(_AxisPlan(coords, arr.shape[c + 1], interp))
+    # 1) slices are free views
+    idx: list[slice] = [slice(None)] * 4
+    for c, p in enumerate(plans):
+        if p.kind == "slice" and p.sl is not None:
+            idx[c + 1] = p.sl
+    arr = arr[tuple(idx)]
+    # 2) the rest, most shrinking first (smallest intermediate arrays)
+    rest = sorted(
+        (c for c, p in enumerate(plans) if p.kind != "slice"),
+        key=lambda c: plans[c].m / plans[c].n,
+    )
+    for c in rest:
+        p = plans[c]
+        if p.kind == "take":
+            arr = _take_axis(arr, c + 1, p.i0)
+        else:
+            arr = _lerp_axis(arr, c + 1, p, out_dtype)
+    if arr.dtype != out_dtype:
+        return arr.astype(out_dtype)
+    return np.ascontiguousarray(arr)
+
+
+def _resample_general(
+    src: np.ndarray,
+    m: np.ndarray,
+    dst_shape: tuple[int, int, int],
+    interp: Interpolation,
+    out_dtype: np.dtype,
+) -> np.ndarray:
+    """Oblique map: torch grid_sample (align_corners=True, border padding) in slabs."""
+    import torch
+    import torch.nn.functional as F
+
+    work = np.float64 if src.dtype == np.float64 else np.float32
+    tdtype = torch.float64 if work == np.float64 else torch.float32
+    # labels: float32 represents integers exactly up to 2**24
+    inp = torch.from_numpy(np.ascontiguousarray(src, dtype=work))[None]
+    n_src = np.asarray(src.shape[1:], dtype=np.float64)
+    denom = np.where(n_src > 1, n_src - 1, 1.0)
+    c_, _, nj, nk = (src.shape[0], *dst_shape)
+    out = np.empty((c_, *dst_shape), dtype=out_dtype)
+    jj, kk = np.meshgrid(
+        np.arange(nj, dtype=np.float64), np.arange(nk, dtype=np.float64), indexing="ij"
+    )
+    row_bytes = nj * nk * 3 * 8
+    step = max(1, _SLAB_BYTES // max(row_bytes, 1))
+    mode = "bilinear" if interp is Interpolation.LINEAR else "nearest"
+    for i0 in range(0, dst_shape[0], step):
+        i1 = min(dst_shape[0], i0 + step)
+        ii = np.arange(i0, i1, dtype=np.float64)[:, None, None]
+        pts = [
+            m[r, 0] * ii + m[r, 1] * jj[None] + m[r, 2] * kk[None] + m[r, 3] for r in range(3)
+        ]
+        # normalised coords in [-1, 1], order (x=K, y=J, z=I) as grid_sample wants
+        grid = np.stack(
+            [np.where(n_src[r] > 1, 2.0 * pts[r] / denom[r] - 1.0, 0.0) for r in (2, 1, 0)],
+            axis=-1,
+        )
+        g = torch.from_numpy(grid.astype(work, copy=False))[None]
+        with torch.no_grad():
+            res = F.grid_sample(
+                inp, g.to(tdtype), mode=mode, padding_mode="border", align_corners=True
+            )[0]
+        r_np = res.numpy()
+        if interp is Interpolation.NEAREST and np.issubdtype(out_dtype, np.integer):
+            r_np = np.rint(r_np)
+        out[:, i0:i1] = r_np.astype(out_dtype, copy=False)
+    return out
+
+
+def _resample_array(
+    src: np.ndarray,
+    src_affine: np.ndarray,
+    dst_shape: tuple[int, int, int],
+    dst_affine: np.ndarray,
+    interp: Interpolation,
+) -> np.ndarray:
+    m = np.linalg.solve(src_affine, dst_affine)  # output voxel -> source voxel
+    out_dtype = _out_dtype(src.dtype, interp)
+    if src.dtype == np.bool_ and interp is Interpolation.LINEAR:
+        src = src.astype(np.float32)
+    perm = _separable_perm(m[:3, :3], dst_shape)
+    if perm is not None:
+        return _resample_separable(src, perm, m, dst_shape, interp, out_dtype)
+    return _resample_general(src, m, dst_shape, interp, out_dtype)
+
+
+def resample_to_grid(
+    volume: Volume,
+    shape: Sequence[int],
+    affine: npt.ArrayLike,
+    *,
+    interpolation: Interpolation | str = Interpolation.LINEAR,
+) -> Volume:
+    """Resample ``volume`` onto the grid ``(shape, affine)`` with one interpolation.
+
+    For each output voxel centre, the position in the input's voxel space is found by
+    composing affines (output voxel -> RAS+ mm -> input voxel) and the input is
+    interpolated there; positions outside the input grid take the nearest border value.
+
+    Parameters
+    ----------
+    volume : Volume ``(C, I, J, K)``, any numeric dtype.
+    shape : output ``(I', J', K')``.
+    affine : output 4x4 voxel -> RAS+ mm.
+    interpolation : ``"linear"`` (trilinear; output float32, or float64 for float64
+        input) or ``"nearest"`` (dtype kept; integer labels stay integer).
+
+    Returns
+    -------
+    Volume ``(C, I', J', K')`` with exactly ``affine`` and ``shape``; meta copied.
+
+    Raises
+    ------
+    ConfigError
+        Unknown ``interpolation``.
+    GeometryError
+        Invalid ``shape`` or ``affine``.
+
+    Notes
+    -----
+    Separable maps (signed permutation x diagonal, e.g. reorient + axis scaling) use
+    1-D passes (exact slicing where the map is an integer shift/flip); oblique maps use
+    :func:`torch.nn.functional.grid_sample` in slabs. Both agree with
+    :func:`scipy.ndimage.affine_transform` (``order=1`` or ``0``, ``mode="nearest"``).
+    """
+    interp = parse_enum(Interpolation, interpolation, "interpolation")
+    dst_shape = _shape3(shape, "shape")
+    dst_affine = validate_affine(affine)
+    arr = _resample_array(volume.array, volume.affine, dst_shape, dst_affine, interp)
+    return Volume(arr, dst_affine, volume.meta)
+
+
+# ==================================================================== model grid round trip
+def to_model_grid(
+    volume: Volume,
+    orientation: str | None,
+    spacing: Sequence[float] | None,
+    *,
+    interpolation: Interpolation | str = Interpolation.LINEAR,
+) -> tuple[Volume, SpatialRecord]:
+    """Bring ``volume`` onto the model's grid: reorient, then resample (one interpolation).
+
+    Parameters
+    ----------
+    volume : Volume ``(C, I, J, K)`` on the source grid.
+    orientation : the model's 3-letter orientation code (e.g. ``"RAS"``), or None to keep
+        the source orientation.
+    spacing : the model's voxel size in mm along its voxel axes (after reorientation),
+        or None to keep the source spacing. Axes within 1e-6 (relative) of the target
+        are not resampled.
+    interpolation : ``"linear"`` for images (output float32, float64 kept), ``"nearest"``
+        for label maps (dtype kept).
+
+    Returns
+    -------
+    (model_volume, record)
+        The volume on the model grid (affine voxel -> RAS+ mm) and the
+        :class:`SpatialRecord` needed by :func:`to_source_grid`. Reorientation alone is
+        exact (no interpolation, array copied in the new axis order).
+
+    Raises
+    ------
+    ConfigError
+        Bad ``orientation``, ``spacing`` or ``interpolation``.
+    """
+    interp = parse_enum(Interpolation, interpolation, "interpolation")
+    shape = volume.spatial_shape
+    affine = volume.affine
+    steps: list[dict[str, Any]] = []
+    if orientation is not None:
+        code = _check_code(orientation)
+        _, affine, shape = _reorient_transform(affine, shape, code)
+        steps.append({"op": "reorient", "from": volume.orientation, "to": code})
+    if spacing is not None:
+        target = _check_spacing(spacing)
+        before = np.linalg.norm(affine[:3, :3], axis=0)
+        shape, affine = resampled_grid(shape, affine, target.tolist())
+        if not np.allclose(before, target, rtol=1e-6, atol=0.0):
+            steps.append(
+                {
+                    "op": "resample",
+                    "from_spacing": [float(v) for v in before],
+                    "to_spacing": [float(v) for v in target],
+                    "interpolation": interp.value,
+                }
+            )
+    arr = _resample_array(volume.array, volume.affine, shape, affine, interp)
+    out = Volume(arr, affine, volume.meta)
+    record = SpatialRecord(
+        source_shape=volume.spatial_shape,
+        source_affine=_affine_tuple(volume.affine),
+        model_shape=out.spatial_shape,
+        model_affine=_affine_tuple(out.affine),
+        steps=tuple(steps),
+    )
+    return out, record
+
+
+def to_source_grid(
+    volume: Volume,
+    record: SpatialRecord,
+    *,
+    interpolation: Interpolation | str = Interpolation.LINEAR,
+) -> Volume:
+    """Carry a model-grid volume back to the source grid of ``record`` exactly.
+
+    One interpolation, straight from the model grid to the source grid (source voxel ->
+    RAS+ mm -> model voxel, composed from the affines), never undoing the steps one by
+    one.
+
+    Parameters
+    ----------
+    volume : Volume ``(C, I', J', K')`` on the model grid, e.g. probabilities or logits
+        (float, multi-channel) or a label map (integer). Its own affine is used, so a
+        volume cropped/padded on the model grid (affine shifted accordingly) also lands
+        in the right place.
+    record : the :class:`SpatialRecord` from :func:`to_model_grid`.
+    interpolation : ``"linear"`` (trilinear, for probabilities/logits; output float32,
+        float64 kept) or ``"nearest"`` (for labels; dtype kept).
+
+    Returns
+    -------
+    Volume ``(C, I, J, K)`` with exactly ``record.source_shape`` and
+    ``record.source_affine``; meta of ``volume``. Source voxels outside the model grid
+    take the nearest border value of the model grid (edge clamp).
+
+    Raises
+    ------
+    ConfigError
+        Unknown ``interpolation``.
+
+    Notes
+    -----
+    Between a scan and its model grid the voxel map is a signed permutation times a
+    diagonal, so the work is separable: pure permutation/flip (same spacing) is done by
+    slicing alone, no interpolation; otherwise 1-D linear passes in float32 slabs
+    (memory: the output plus one intermediate, no float64 copies). See
+    ``benchmarks/resample_back.py``.
+    """
+    interp = parse_enum(Interpolation, interpolation, "interpolation")
+    src_affine = record.source_affine_array
+    arr = _resample_array(volume.array, volume.affine, record.source_shape, src_affine, interp)
+    return Volume(arr, src_affine, volume.meta)
+
+
+# ============================================================================= crop / pad
+def _translate(start: Sequence[int]) -> np.ndarray:
+    t = np.eye(4)
+    t[:3, 3] = np.asarray(start, dtype=np.float64)
+    return t
+
+
+def _apply_crop_pad(
+    volume: Volume,
+    start: tuple[int, int, int],
+    shape: tuple[int, int, int],
+    mode: PadMode,
+    value: float,
+) -> tuple[Volume, CropPadRecord]:
+    src = volume.array
+    n = volume.spatial_shape
+    if mode is PadMode.EDGE:
+        idx = [np.clip(np.arange(shape[a]) + start[a], 0, n[a] - 1) for a in range(3)]
+        out = src[:, idx[0][:, None, None], idx[1][None, :, None], idx[2][None, None, :]]
+    else:
+        out = np.full((src.shape[0], *shape), value, dtype=src.dtype)
+        s_sl, o_sl = [slice(None)], [slice(None)]
+        for a in range(3):
+            lo = max(0, start[a])
+            hi = min(n[a], start[a] + shape[a])
+            if hi <= lo:
+                break
+            s_sl.append(slice(lo, hi))
+            o_sl.append(slice(lo - start[a], hi - start[a]))
+        else:
+            out[tuple(o_sl)] = src[tuple(s_sl)]
+    rec = CropPadRecord(
+        source_shape=n, source_affine=_affine_tuple(volume.affine), start=start, shape=shape
+    )
+    return Volume(out, volume.affine @ _translate(start), volume.meta), rec
+
+
+def crop_or_pad(
+    volume: Volume,
+    shape: Sequence[int],
+    *,
+    mode: PadMode | str = PadMode.CONSTANT,
+    value: float = 0.0,
+) -> tuple[Volume, CropPadRecord]:
+    """Centre-crop and/or pad ``volume`` to spatial ``shape``; exact, with record.
+
+    Parameters
+    ----------
+    volume : Volume ``(C, I, J, K)``.
+    shape : output ``(I', J', K')``. Per axis the output starts at source voxel
+        ``start = floor((n - n') / 2)`` (negative: padding before).
+    mode : ``"constant"`` (fill with ``value``) or ``"edge"`` (repeat border voxels).
+    value : fill value for ``"constant"``.
+
+    Returns
+    -------
+    (Volume, CropPadRecord)
+        Output voxel ``o`` is source voxel ``o + start``; affine
+        ``affine @ translate(start)`` so every kept voxel keeps its world position.
+        :func:`invert_crop_or_pad` undoes it.
+
+    Raises
+    ------
+    GeometryError
+        ``shape`` is not 3 positive integers.
+    ConfigError
+        Unknown ``mode``.
+    """
+    pm = parse_enum(PadMode, mode, "mode")
+    new = _shape3(shape, "shape")
+    n = volume.spatial_shape
+    start = tuple((n[a] - new[a]) // 2 for a in range(3))
+    return _apply_crop_pad(volume, (start[0], start[1], start[2]), new, pm, value)
+
+
+def pad_to_multiple(
+    volume: Volume,
+    multiple: int | Sequence[int],
+    *,
+    mode: PadMode | str = PadMode.CONSTANT,
+    value: float = 0.0,
+) -> tuple[Volume, CropPadRecord]:
+    """Pad (centred, as :func:`crop_or_pad`) so each spatial size is a multiple.
+
+    Parameters
+    ----------
+    volume : Volume ``(C, I, J, K)``.
+    multiple : one positive int for all axes or three (e.g. the network's divisibility).
+    mode, value : as :func:`crop_or_pad`.
+
+    Returns
+    -------
+    (Volume, CropPadRecord); sizes ``ceil(n / multiple) * multiple``.
+
+    Raises
+    ------
+    ConfigError
+        ``multiple`` is not 1 or 3 positive integers.
+    """
+    mult = [multiple] * 3 if isinstance(multiple, int) else list(multiple)
+    if len(mult) != 3 or not all(isinstance(v, int | np.integer) and v >= 1 for v in mult):
+        raise ConfigError(f"multiple: expected a positive int or 3 positive ints, got {multiple!r}")
+    n = volume.spatial_shape
+    new = tuple(int(math.ceil(n[a] / int(mult[a])) * int(mult[a])) for a in range(3))
+    return crop_or_pad(volume, new, mode=mode, value=value)
+
+
+def crop_to_nonzero(volume: Volume, *, margin: int = 0) -> tuple[Volume, CropPadRecord]:
+    """Crop to the bounding box of voxels that are non-zero in any channel.
+
+    Parameters
+    ----------
+    volume : Volume ``(C, I, J, K)``.
+    margin : voxels kept around the box on each side (clipped to the volume).
+
+    Returns
+    -------
+    (Volume, CropPadRecord). An all-zero volume is returned whole (box = full grid).
+    :func:`uncrop` restores the source grid.
+
+    Raises
+    ------
+    ConfigError
+        Negative ``margin``.
+    """
+    if int(margin) < 0:
+        raise ConfigError(f"margin: expected a non-negative integer, got {margin!r}")
+    n = volume.spatial_shape
+    mask = np.any(volume.array != 0, axis=0)
+    start, shape = [0, 0, 0], list(n)
+    if mask.any():
+        for a in range(3):
+            other = tuple(b for b in range(3) if b != a)
+            nz = np.flatnonzero(mask.any(axis=other))
+            lo = max(0, int(nz[0]) - int(margin))
+            hi = min(n[a], int(nz[-1]) + 1 + int(margin))
+            start[a], shape[a] = lo, hi - lo
+    return _apply_crop_pad(
+        volume, (start[0], start[1], start[2]), (shape[0], shape[1], shape[2]),
+        PadMode.CONSTANT, 0.0,
+    )
+
+
+def invert_crop_or_pad(volume: Volume, record: CropPadRecord, *, value: float = 0.0) -> Volume:
+    """Undo :func:`crop_or_pad` / :func:`pad_to_multiple` / :func:`crop_to_nonzero`.
+
+    Parameters
+    ----------
+    volume : Volume ``(C, *record.shape)`` on the cropped/padded grid (e.g. model output).
+    record : the :class:`CropPadRecord` of the step.
+    value : fill for source voxels that were cropped away (e.g. 0 for background
+        labels/probabilities; use the background logit for logits).
+
+    Returns
+    -------
+    Volume ``(C, *record.source_shape)`` with exactly ``record.source_affine``; dtype kept.
+
+    Raises
+    ------
+    GeometryError
+        ``volume`` does not have the spatial shape ``record.shape``.
+    """
+    if volume.spatial_shape != tuple(record.shape):
+        raise GeometryError(
+            f"invert_crop_or_pad: volume grid {volume.spatial_shape} is not the record's "
+            f"grid {tuple(record.shape)}"
+        )
+    inv_start = tuple(-s for s in record.start)
+    out, _ = _apply_crop_pad(
+        volume,
+        (inv_start[0], inv_start[1], inv_start[2]),
+        record.source_shape,
+        PadMode.CONSTANT,
+        value,
+    )
+    return Volume(out.array, np.array(record.source_affine, dtype=np.float64), volume.meta)
+
+
+#: Inverse of :func:`crop_to_nonzero` (same as :func:`invert_crop_or_pad`).
+uncrop = invert_crop_or_pad
