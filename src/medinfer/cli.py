@@ -31,6 +31,7 @@ app = typer.Typer(
 #: modules that contribute sub-commands via ``register(app)``
 _PLUGINS: list[str] = [
     "medinfer.inference.cli",
+    "medinfer.slices.cli",
 ]
 
 
