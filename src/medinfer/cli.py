@@ -31,7 +31,9 @@ app = typer.Typer(
 #: modules that contribute sub-commands via ``register(app)``
 _PLUGINS: list[str] = [
     "medinfer.inference.cli",
+    "medinfer.data.cli",
     "medinfer.slices.cli",
+    "medinfer.serve.cli",
 ]
 
 

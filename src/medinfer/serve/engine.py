@@ -1,0 +1,299 @@
+"""The model behind the service: one loaded model, called by jobs and sync requests.
+
+:class:`ModelEngine` resolves and loads the model named in the settings once
+(:func:`medinfer.models.resolve_model`, :func:`medinfer.models.load_model`) and runs
+:class:`medinfer.inference.Predictor` (segmentation) or
+:func:`medinfer.postprocess.detection_cli.run_detection_on_volume` (``task: detection``)
+per request. Settings that change the model card's defaults (threshold, pad multiple,
+clip percentiles) are applied as a modified copy of the card; nothing is re-implemented
+here. Outputs of a job are written by :func:`write_outputs` under fixed file names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medinfer.errors import ConfigError
+from medinfer.prediction import Prediction
+from medinfer.volume import Volume
+
+#: progress(stage, fraction in [0, 1]) as in :class:`medinfer.inference.Predictor`
+ProgressFn = Callable[[str, float], None]
+
+#: the only file names a job can produce (never taken from user input)
+OUTPUT_FILES = ("label.nii.gz", "summary.json", "probabilities.nii.gz", "heatmap.nii.gz",
+                "detections.json")
+
+MAX_CONFIG_BYTES = 64 * 1024
+
+
+class JobConfig(BaseModel):
+    """Per-job options (the optional config YAML of ``POST /api/v1/inference``).
+
+    Attributes
+    ----------
+    threshold : probability threshold in (0, 1) for sigmoid / heat-map models; ``None``
+        uses the service default (``MEDINFER_THRESHOLD``) or the model card's.
+    save_probabilities : also write ``probabilities.nii.gz`` (float32, source grid).
+    detection : options passed to the detection pipeline (``task: detection`` models
+        only), in the format of its ``--config`` file.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
+    save_probabilities: bool = False
+    detection: dict[str, Any] = Field(default_factory=dict)
+
+
+def parse_job_config(data: bytes | str | Mapping[str, Any] | None,
+                     name: str = "config") -> JobConfig:
+    """Parse a job config from YAML text/bytes or a mapping.
+
+    Raises
+    ------
+    ConfigError
+        Too large (> 64 KiB), not YAML, not a mapping, or an unknown / invalid key (the
+        message names it).
+    """
+    import yaml
+
+    if data is None:
+        return JobConfig()
+    if isinstance(data, (bytes, str)):
+        raw = data.encode() if isinstance(data, str) else data
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{name}: {len(raw)} bytes; at most {MAX_CONFIG_BYTES} accepted")
+        try:
+            parsed = yaml.safe_load(raw.decode("utf-8")) if raw.strip() else {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{name}: not valid YAML ({type(exc).__name__})") from None
+    else:
+        parsed = dict(data)
+    if parsed is None:
+        parsed = {}
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"{name}: expected a mapping at the top level, got "
+                          f"{type(parsed).__name__}")
+    try:
+        return JobConfig.model_validate(parsed)
+    except ValidationError as exc:
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"{name}: " + "; ".join(parts)
+                          + " (accepted keys: threshold, save_probabilities, detection)") \
+            from None
+
+
+class Engine(Protocol):
+    """What the service needs from a model (a fake implements it in unit tests)."""
+
+    @property
+    def card_json(self) -> dict[str, Any]:
+        """The model card as JSON (``GET /v1/models``)."""
+        ...
+
+    @property
+    def name(self) -> str: ...
+
+    def predict(self, volume: Volume, config: JobConfig,
+                progress: ProgressFn | None = None) -> Prediction:
+        """Run the model on ``volume``; the Prediction is on the source grid."""
+        ...
+
+
+class ModelEngine:
+    """The real engine: a model card plus a loaded model (see module docstring).
+
+    Parameters
+    ----------
+    model : bundled model name or path to a model folder / ``model.yaml``.
+    device : ``auto`` | ``cuda`` | ``cpu``.
+    threshold, pad_multiple, clip_percentiles : service-wide overrides of the card
+        (``None`` keeps the card's value).
+
+    Raises
+    ------
+    ModelError, ConfigError
+        The model cannot be resolved or loaded.
+    """
+
+    def __init__(self, model: str, device: str = "auto", *, threshold: float | None = None,
+                 pad_multiple: int | None = None,
+                 clip_percentiles: tuple[float, float] | None = None) -> None:
+        from medinfer.models import load_model, resolve_device, resolve_model
+
+        card, model_dir = resolve_model(model)
+        self.model_dir = Path(model_dir)
+        self.device = resolve_device(device)
+        self.card = _override_card(card, threshold=threshold, pad_multiple=pad_multiple,
+                                   clip_percentiles=clip_percentiles)
+        self.model = load_model(self.card, self.model_dir, self.device)
+        self._predictors: dict[float | None, Any] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return str(self.card.name)
+
+    @property
+    def card_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = self.card.model_dump(mode="json")
+        data["device"] = str(self.device)
+        return data
+
+    def _predictor(self, threshold: float | None) -> Any:
+        from medinfer.inference import Predictor  # type: ignore[attr-defined,unused-ignore]
+
+        with self._lock:
+            pred = self._predictors.get(threshold)
+            if pred is None:
+                card = _override_card(self.card, threshold=threshold)
+                pred = Predictor(card, self.model, device=self.device)
+                self._predictors[threshold] = pred
+            return pred
+
+    def predict(self, volume: Volume, config: JobConfig,
+                progress: ProgressFn | None = None) -> Prediction:
+        """Run the model; ``config.threshold`` overrides the card's output threshold.
+
+        Detection models go through the detection pipeline (heat map, findings).
+        Raises the input errors of the layers below (:class:`medinfer.errors.MedinferError`).
+        """
+        from medinfer.models import Task
+
+        if self.card.task is Task.DETECTION:
+            return self._detect(volume, config, progress)
+        return self._predictor(config.threshold).predict(volume, progress=progress)  # type: ignore[no-any-return,unused-ignore]
+
+    def _detect(self, volume: Volume, config: JobConfig,
+                progress: ProgressFn | None) -> Prediction:
+        from medinfer.postprocess.detection_cli import run_detection_on_volume
+
+        det_config: dict[str, Any] = dict(config.detection)
+        if config.threshold is not None:
+            post = dict(det_config.get("post_processing") or {})
+            post.setdefault("threshold", config.threshold)
+            det_config["post_processing"] = post
+        card = _override_card(self.card, threshold=config.threshold)
+        if progress is not None:
+            progress("detection", 0.0)
+        out = run_detection_on_volume(volume, card, self.model, det_config)
+        if progress is not None:
+            progress("detection", 1.0)
+        if isinstance(out, Prediction):
+            return out
+        # a (prediction, report) pair or a report mapping with a prediction inside
+        if isinstance(out, tuple) and out and isinstance(out[0], Prediction):
+            return out[0]
+        if isinstance(out, Mapping) and isinstance(out.get("prediction"), Prediction):
+            return out["prediction"]  # type: ignore[no-any-return,unused-ignore]
+        raise TypeError(f"run_detection_on_volume returned {type(out).__name__}, "
+                        "expected a Prediction")
+
+
+def _override_card(card: Any, *, threshold: float | None = None,
+                   pad_multiple: int | None = None,
+                   clip_percentiles: tuple[float, float] | None = None) -> Any:
+    """A copy of the (frozen) model card with service / request overrides applied."""
+    if threshold is not None:
+        card = card.model_copy(update={
+            "output": card.output.model_copy(update={"threshold": float(threshold)})})
+    if pad_multiple is not None:
+        card = card.model_copy(update={
+            "inference": card.inference.model_copy(update={"size_divisible": int(pad_multiple)})})
+    if clip_percentiles is not None:
+        norm = dict(card.input.normalization)
+        if norm.get("method") != "percentile":
+            raise ConfigError(
+                f"MEDINFER_CLIP_PERCENTILES: the model normalises with {norm.get('method')!r}, "
+                "not 'percentile'; unset it for this model"
+            )
+        norm["lower"], norm["upper"] = float(clip_percentiles[0]), float(clip_percentiles[1])
+        card = card.model_copy(update={
+            "input": card.input.model_copy(update={"normalization": norm})})
+    return card
+
+
+def label_names(card_json: Mapping[str, Any]) -> dict[int, str]:
+    """Label value -> name from a model card JSON."""
+    labels = card_json.get("labels") or {}
+    return {int(k): str(v.get("name", k)) for k, v in labels.items()}
+
+
+def write_outputs(prediction: Prediction, out_dir: Path, config: JobConfig,
+                  extra: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Write a job's results under ``out_dir`` all-or-nothing; return (summary, file names).
+
+    Files are first written into a hidden sibling folder ``.<name>.tmp`` and the folder is
+    renamed onto ``out_dir`` at the end (POSIX rename is atomic), so ``out_dir`` either
+    does not exist or holds complete files. Names are fixed (:data:`OUTPUT_FILES`):
+    ``label.nii.gz`` (label map, uint8/uint16, source grid), ``summary.json``,
+    ``probabilities.nii.gz`` (only with ``config.save_probabilities``),
+    ``heatmap.nii.gz`` and ``detections.json`` (detection models).
+    """
+    from medinfer.io import save
+
+    tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files = ["label.nii.gz"]
+    save(prediction.label, tmp / "label.nii.gz")
+    if config.save_probabilities and prediction.probabilities is not None:
+        save(prediction.probabilities, tmp / "probabilities.nii.gz")
+        files.append("probabilities.nii.gz")
+    if prediction.heatmap is not None:
+        save(prediction.heatmap, tmp / "heatmap.nii.gz")
+        files.append("heatmap.nii.gz")
+    summary = prediction.summary()
+    if extra:
+        summary.update(extra)
+    if prediction.detections:
+        _write_json(tmp / "detections.json", {"detections": prediction.detections})
+        files.append("detections.json")
+    _write_json(tmp / "summary.json", summary)
+    files.append("summary.json")
+    _fsync_dir(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    _fsync_dir(out_dir.parent)
+    return summary, files
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from medinfer._atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=2, default=_json_default))
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
