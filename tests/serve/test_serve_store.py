@@ -145,6 +145,7 @@ def test_manager_runs_jobs_with_monotonic_progress_and_cancel(tmp_path: Path) ->
             assert (store.output_dir(j.id) / "label.nii.gz").is_file()
             assert not store.input_dir(j.id).exists()
         assert store.get(j2.id).status is JobStatus.CANCELLED  # type: ignore[union-attr]
+        _wait(lambda: len(outcomes) == 3)
         assert sorted(outcomes) == ["cancelled", "succeeded", "succeeded"]
         assert engine.calls == 2
     finally:
