@@ -44,8 +44,9 @@ Pipeline of :func:`read_dicom`
    RescaleSlope / RescaleIntercept (PS3.3 C.11.1.1.2; per frame for enhanced objects;
    DoseGridScaling for RT Dose) are applied per frame. The output is integer (the
    smallest of uint8/uint16/int16/int32/int64 holding the rescaled range of the stored
-   bits, e.g. int16 for CT in HU) when every slope and intercept is integral, else
-   float32.
+   bits) when every slope and intercept is integral, else float32. 32/64-bit integer
+   results whose actual values fit 16 bits are narrowed to int16/uint16 (e.g. CT stored
+   as signed 16 bits with intercept -1024 comes back as int16 HU).
 
 Axes and frames
 ---------------
@@ -405,7 +406,7 @@ def read_dicom(
     rows, cols = _int(frames[0].entry, "Rows"), _int(frames[0].entry, "Columns")
     out_dtype = _output_dtype(frames)
     check_array_size((cols, rows, len(frames)), out_dtype.itemsize, str(p), max_bytes)
-    array_kji = _read_pixels(frames, rows, cols, out_dtype, max_bytes, str(p))
+    array_kji = _narrow(_read_pixels(frames, rows, cols, out_dtype, max_bytes, str(p)))
     array = np.transpose(array_kji, (2, 1, 0))  # (I=column index, J=row index, K)
     meta = _meta(p, frames, chosen, slice_spacing)
     return Volume(array, affine_lps_to_ras(affine_lps), meta)
@@ -735,6 +736,17 @@ def _read_pixels(
         del pixels
         log.debug("read pixels of %s", path)
     return out
+
+
+def _narrow(a: np.ndarray) -> np.ndarray:
+    """32/64-bit integer data whose values fit 16 bits -> int16/uint16 (e.g. CT in HU)."""
+    if a.dtype.kind not in "iu" or a.dtype.itemsize < 4 or a.size == 0:
+        return a
+    lo, hi = int(a.min()), int(a.max())
+    target = smallest_int_dtype(lo, hi)
+    if target.itemsize < 2:
+        target = np.dtype(np.uint16)
+    return a.astype(target) if target.itemsize < a.dtype.itemsize else a
 
 
 def _pixel_array(e: _Entry, rows: int, cols: int) -> np.ndarray:

@@ -6,7 +6,7 @@
 - NIfTI-2: ``sizeof_hdr`` is 540 and the magic at offset 4 is ``n+2\\0`` / ``ni2\\0``.
 - DICOM Part 10: 128-byte preamble then ``DICM`` (PS3.10 section 7.1).
 - DICOM without preamble/meta (raw data sets, as old scanners wrote them): the first
-  element is a tag of group 0x0002 or 0x0008 in little-endian order, followed by either
+  element is a tag of group 0x0002 or 0x0008 (either byte order), followed by either
   a valid explicit VR or a plausible implicit-VR 32-bit length (PS3.5 section 7.1).
 """
 
@@ -82,20 +82,23 @@ def looks_like_dicom(head: bytes) -> bool:
     """True if ``head`` (at least the first 132 bytes of a file) starts like DICOM.
 
     Accepts Part 10 files (``DICM`` at offset 128) and raw data sets whose first element
-    is a little-endian tag of group 0x0002 or 0x0008 with an explicit VR or a plausible
+    is a tag of group 0x0002 or 0x0008 (either byte order) with an explicit VR or a plausible
     implicit-VR length. This is a cheap filter; the parser has the final word.
     """
     if len(head) >= 132 and head[128:132] == b"DICM":
         return True
     if len(head) < 8:
         return False
-    group, _elem = struct.unpack("<HH", head[:4])
-    if group not in (0x0002, 0x0008):
-        return False
-    if head[4:6] in _VRS:
-        return True
-    (length,) = struct.unpack("<I", head[4:8])
-    return length < 0x10000 or length == 0xFFFFFFFF
+    for order in "<>":
+        group, _elem = struct.unpack(order + "HH", head[:4])
+        if group not in (0x0002, 0x0008):
+            continue
+        if head[4:6] in _VRS:
+            return True
+        (length,) = struct.unpack(order + "I", head[4:8])
+        if length < 0x10000 or length == 0xFFFFFFFF:
+            return True
+    return False
 
 
 def sniff_format(path: str | os.PathLike[str]) -> ImageFormat:
