@@ -134,5 +134,27 @@ def write_ct_series_lps(arr_rpi: np.ndarray, aff_rpi: np.ndarray, folder: Path, 
     return folder
 
 
+def make_data_dir(root: Path, n_ct_studies: int = 3) -> Path:
+    """raw/<study>/<image>: CT NIfTI studies (1-2 images), an MRI study, a DICOM study and
+    an unusable 3-slice image. Small grids so a full build takes well under a second."""
+    raw = root / "raw"
+    for s in range(n_ct_studies):
+        for i in range(1 + s % 2):
+            arr, aff, _ = head_phantom((44 + 4 * i, 48, 12 + s), (1.0, 1.0, 3.0),
+                                       marker_ras_offset=(10 + 2 * s, 8, 4 * i))
+            save_nifti(arr, aff, raw / f"ct{s:02d}" / f"ct_{i}.nii.gz")
+    arr, aff, _ = head_phantom((40, 44, 40), (1.0, 1.0, 1.0))
+    mri = np.clip(arr.astype(np.float32) + 1000, 0, 1100) * 0.2 + 7.0
+    save_nifti(mri.astype(np.float32), aff, raw / "mr00" / "t1.nii.gz")
+    arr, aff, _ = head_phantom((40, 40, 12), (1.1, 1.1, 3.5))
+    write_ct_series_lps(arr, aff, raw / "dcm00" / "series1", seed=1)
+    thin = np.full((32, 32, 3), 40, dtype=np.int16)
+    save_nifti(thin, rpi_affine((1, 1, 5)), raw / "ct99" / "ct_thin.nii.gz")
+    return root
+
+
+MODES = {"mr*": "mri", "*/t1*": "mri", "ct*": "ct"}
+
+
 def make_volume(arr: np.ndarray, aff: np.ndarray) -> Volume:
     return Volume(arr, aff, {"source": "synthetic"})
