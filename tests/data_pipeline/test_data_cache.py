@@ -1,0 +1,163 @@
+"""CacheManager: uint8 files equal the prepared arrays, rebuild rules, parallel build, crash."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from dp_helpers import MODES, make_data_dir
+
+from medinfer.data import CacheManager, DatasetMetadata, PrepareConfig, load_image, prepare_volume
+from medinfer.data.cache import _build_lock, dequantize, quantize
+from medinfer.errors import ConfigError, InvalidImageError
+
+
+def _npy_files(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted((root / "processed").rglob("*.npy"))
+    }
+
+
+def test_build_and_load_match_prepare_within_quantisation(data_dir):
+    cm = CacheManager(data_dir)
+    report = cm.build_cache(num_workers=0)
+    assert (report.built, report.unusable, report.up_to_date, report.failed) == (6, 1, 0, {})
+    for entry in cm.metadata.images:
+        if entry.study == "ct99":
+            continue
+        prepared = prepare_volume(load_image(data_dir / entry.path), entry.mode)
+        assert prepared is not None
+        cached = cm.load_image(entry.study, entry.image)
+        names = list(prepared.channels)
+        assert cached.dtype == np.float32 and cached.shape == (len(names), *prepared.shape)
+        for i, name in enumerate(names):
+            expected = dequantize(quantize(prepared.channels[name]))
+            assert np.array_equal(cached[i], expected)
+            assert np.abs(cached[i] - prepared.channels[name]).max() <= 1 / 510 + 1e-7
+        assert np.array_equal(cm.load_mask(entry.study, entry.image), prepared.background)
+        one = cm.load_image(entry.study, entry.image, window=names[-1])
+        assert np.array_equal(one[0], cached[-1])
+        files = sorted(p.name for p in (cm.processed / entry.study / entry.image).iterdir())
+        assert files == sorted([*(f"{n}.npy" for n in names), "mask.npy", "meta.json"])
+    with pytest.raises(InvalidImageError, match="unusable: 3 slices"):
+        cm.load_image("ct99", "ct_thin.nii.gz")
+    with pytest.raises(ConfigError, match="'bone' is not one of"):
+        cm.load_image("mr00", "t1.nii.gz", window="bone")
+    stats = cm.get_cache_stats()
+    assert stats["images"] == 7 and stats["cached"] == 6 and stats["unusable"] == 1
+    assert stats["missing"] == 0 and stats["stale"] == 0
+    assert stats["by_mode"] == {"ct": 5, "mri": 1}
+    assert 0.24 < stats["size_ratio"] < 0.27
+    assert "3 slices" in stats["unusable_reasons"]["ct99/ct_thin.nii.gz"]
+
+
+def test_up_to_date_entries_are_kept_and_changed_sources_rebuilt(data_dir):
+    cm = CacheManager(data_dir)
+    cm.build_cache(num_workers=0)
+    again = cm.build_cache(num_workers=0)
+    assert (again.built, again.unusable, again.up_to_date) == (0, 0, 7)
+    src = data_dir / "raw" / "ct00" / "ct_0.nii.gz"
+    before = cm.load_image("ct00", "ct_0.nii.gz")
+    # same content, new mtime: the content digest says up to date (signature refreshed)
+    os.utime(src, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert cm.get_cache_stats()["stale"] == 1
+    r = cm.build_cache(num_workers=0)
+    assert (r.built, r.up_to_date) == (0, 7) and cm.get_cache_stats()["stale"] == 0
+    # new content: rebuilt, and the cache shows the new content
+    img = nib.load(str(src))
+    arr = np.asarray(img.dataobj).copy()
+    arr[arr == 30] = 60
+    nib.save(nib.Nifti1Image(arr, img.affine), str(src))
+    r = cm.build_cache(num_workers=0)
+    assert (r.built, r.up_to_date) == (1, 6)
+    after = cm.load_image("ct00", "ct_0.nii.gz")
+    assert not np.array_equal(before, after)
+    # other parameters: everything is rebuilt
+    r = CacheManager(data_dir, config=PrepareConfig(token_foreground_fraction=0.2)).build_cache(
+        num_workers=0
+    )
+    assert (r.built, r.unusable, r.up_to_date) == (6, 1, 0)
+
+
+def test_parallel_build_equals_sequential_build(tmp_path):
+    roots = []
+    for name in ("seq", "par"):
+        root = make_data_dir(tmp_path / name)
+        DatasetMetadata.from_directory(root, MODES).save(root)
+        roots.append(root)
+    CacheManager(roots[0]).build_cache(num_workers=0)
+    report = CacheManager(roots[1]).build_cache(num_workers=2)
+    assert (report.built, report.unusable, report.failed) == (6, 1, {})
+    seq, par = _npy_files(roots[0]), _npy_files(roots[1])
+    assert len(seq) == 6 * 2 + 5 * 2 and seq == par  # ct: 3 windows + mask, mri: 1 + mask
+
+
+def test_concurrent_build_is_refused(data_dir):
+    cm = CacheManager(data_dir)
+    with _build_lock(cm.processed), pytest.raises(ConfigError, match="another build_cache"):
+        cm.build_cache(num_workers=0)
+
+
+_SLOW_BUILD = textwrap.dedent(
+    """
+    import sys, time
+    import medinfer.data.cache as c
+    save = c._save_npy
+    def slow_save(path, arr):
+        time.sleep(0.04)
+        return save(path, arr)
+    c._save_npy = slow_save
+    c.CacheManager(sys.argv[1]).build_cache(num_workers=0)
+    """
+)
+
+
+def test_killed_build_is_completed_by_the_next_run(tmp_path):
+    root = make_data_dir(tmp_path / "data", n_ct_studies=8)
+    DatasetMetadata.from_directory(root, MODES).save(root)
+    clean = make_data_dir(tmp_path / "clean", n_ct_studies=8)
+    DatasetMetadata.from_directory(clean, MODES).save(clean)
+    CacheManager(clean).build_cache(num_workers=0)
+    total = len(DatasetMetadata.load(root).images)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_BUILD, str(root)], start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list((root / "processed").rglob("meta.json"))) >= 3:
+            break
+        time.sleep(0.005)
+    time.sleep(0.05)  # land inside the next image (0.04 s per file written)
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = list((root / "processed").rglob("meta.json"))
+    assert 3 <= len(committed) < total
+    # a crash inside a write: a stray temporary file and a half-written array, no meta.json
+    entry = root / "processed" / "ct07" / "ct_0.nii.gz"
+    entry.mkdir(parents=True, exist_ok=True)
+    (entry / ".brain.npy.abc123.part.npy").write_bytes(b"\x93NUMPY half")
+    (entry / "brain.npy").write_bytes(b"\x93NUMPY trunc")
+    cm = CacheManager(root)
+    with pytest.raises(InvalidImageError, match="not cached"):
+        cm.load_image("ct07", "ct_0.nii.gz")
+
+    report = cm.build_cache(num_workers=0)
+    assert report.failed == {}
+    assert report.built + report.unusable == total - len(committed) + 0
+    assert report.up_to_date == len(committed)
+    assert not [p for p in (root / "processed").rglob(".*") if p.name != ".build.lock"]
+    assert _npy_files(root) == _npy_files(clean)
+    for e in cm.metadata.images:
+        if e.study != "ct99":
+            assert cm.load_image(e.study, e.image).shape[0] in (1, 3)
+    assert cm.get_cache_stats()["missing"] == 0
