@@ -83,8 +83,9 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medinfer.errors import (
     GeometryError,
@@ -749,10 +750,26 @@ def _narrow(a: np.ndarray) -> np.ndarray:
     return a.astype(target) if target.itemsize < a.dtype.itemsize else a
 
 
+def _ensure_transfer_syntax(ds: Dataset) -> None:
+    """Raw data sets (no File Meta) get the transfer syntax they were parsed with."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = ds.original_encoding
+    if implicit:
+        ts = ImplicitVRLittleEndian
+    else:
+        ts = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    if meta is None:
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+
+
 def _pixel_array(e: _Entry, rows: int, cols: int) -> np.ndarray:
     n = _n_frames(e.ds)
     try:
         ds = pydicom.dcmread(e.path, force=True)
+        _ensure_transfer_syntax(ds)
         arr = np.asarray(ds.pixel_array)
     except _PARSE_ERRORS as exc:
         ts = ""

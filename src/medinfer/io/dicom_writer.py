@@ -79,7 +79,7 @@ def write_dicom_series(
     series_description: str = "medinfer export",
     series_number: int = 1,
     patient_id: str = "ANONYMOUS",
-    patient_name: str = "Anonymous",
+    patient_name: str = "Anonymous^",
     study_description: str = "",
     study_instance_uid: str | None = None,
     series_instance_uid: str | None = None,
