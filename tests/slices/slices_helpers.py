@@ -144,3 +144,31 @@ def write_json(path: Path, doc: object) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc))
     return path
+
+
+def small_volume(shape: tuple[int, int, int] = (14, 11, 6)) -> Volume:
+    """Small int16 image on an oblique, anisotropic, LPS-like grid (built in-test)."""
+    rng = np.random.default_rng(3)
+    aff = np.eye(4)
+    aff[:3, :3] = _rot(2, 12.0) @ np.diag([-0.8, -1.3, 2.5])
+    aff[:3, 3] = [40.0, 60.0, -30.0]
+    return Volume(rng.integers(-100, 300, shape).astype(np.int16), aff)
+
+
+def prediction_doc(
+    patient_id: str, index: int, width: int, height: int, predictions: list[dict], **extra: object
+) -> dict:
+    """A prediction file's content."""
+    return {
+        "patient_id": patient_id,
+        "slice_index": index,
+        "image_width": width,
+        "image_height": height,
+        "predictions": predictions,
+        **extra,
+    }
+
+
+def rect(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
+    """Rectangle outline with corners (x0, y0), (x1, y1) in pixel coordinates."""
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]

@@ -103,7 +103,9 @@ def test_png_pixels_follow_pixel_to_voxel(tmp_path: Path) -> None:
     for s in rng.integers(0, res.mapping.num_slices, 5):
         png = np.array(Image.open(res.slice_paths[s]))
         assert png.shape == (meta["slicing"]["image_height"], meta["slicing"]["image_width"])
-        for r, c in zip(rng.integers(0, png.shape[0], 20), rng.integers(0, png.shape[1], 20)):
+        rows = rng.integers(0, png.shape[0], 20)
+        cols = rng.integers(0, png.shape[1], 20)
+        for r, c in zip(rows, cols, strict=True):
             i, j, k = (p2v @ [c, r, s, 1])[:3].astype(int)
             assert png[r, c] == arr[i, j, k]
 
