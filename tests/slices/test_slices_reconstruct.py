@@ -142,6 +142,8 @@ def test_single_patient_and_output_file(small_case: dict) -> None:
     _write(case, 2, [{"class_id": 3, "polygon": rect(1, 2, 4, 5)}])
     # another patient in the same folder must be left alone
     write_json(case["pred"] / "other_slice0000.json", {"broken": True})
+    # a non-DICOM folder named like the patient is no candidate original
+    write_json(case["tmp"] / "inference" / "p1" / "p1_slice0000.json", {})
     out = case["tmp"] / "single" / "p1_mask.nii.gz"
     (res,) = reconstruct(
         case["pred"], output=out, inference_dir=case["tmp"] / "inference", patient_id="p1"
@@ -413,3 +415,14 @@ def test_label_table_files_and_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("1: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         LabelTable.from_file(tmp_path / "bad.yaml")
+
+
+def test_metadata_search_prefers_image_exports(tmp_path: Path) -> None:
+    from medinfer.slices.reconstruct import find_metadata
+
+    write_json(tmp_path / "a" / "p9_export.json", {"content": "labels"})
+    write_json(tmp_path / "a" / "deep" / "er" / "p9_export.json", {"content": "image"})
+    assert find_metadata("p9", [None, tmp_path / "missing", tmp_path / "a"]) == (
+        tmp_path / "a" / "deep" / "er" / "p9_export.json"
+    )
+    assert find_metadata("p8", [tmp_path]) is None

@@ -22,8 +22,8 @@ import numpy as np
 import numpy.typing as npt
 
 _EPS = 1e-9
-#: rows processed at once (bounds memory to rows x edges floats)
-_ROW_CHUNK = 256
+#: at most this many (row, edge) pairs are evaluated at once (bounds temporary memory)
+_MAX_PAIRS = 2_000_000
 
 
 def _as_polygon(points: npt.ArrayLike) -> npt.NDArray[np.float64]:
@@ -67,8 +67,9 @@ def polygon_masks(
     dy = y1 - y0
     horizontal = np.abs(dy) <= 0.0
     safe_dy = np.where(horizontal, 1.0, dy)
-    for start in range(lo_y, hi_y + 1, _ROW_CHUNK):
-        ys = np.arange(start, min(hi_y + 1, start + _ROW_CHUNK), dtype=np.float64)[:, None]
+    chunk = max(1, min(256, _MAX_PAIRS // max(1, p.shape[0])))
+    for start in range(lo_y, hi_y + 1, chunk):
+        ys = np.arange(start, min(hi_y + 1, start + chunk), dtype=np.float64)[:, None]
         # x of every edge at every row of the chunk: (rows, edges)
         with np.errstate(invalid="ignore"):
             xs = x0 + (ys - y0) * (x1 - x0) / safe_dy

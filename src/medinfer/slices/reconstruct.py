@@ -44,7 +44,13 @@ import numpy as np
 import numpy.typing as npt
 
 from medinfer._atomic import atomic_path, write_text_atomic
-from medinfer.errors import ConfigError, GeometryError, MedinferError, parse_enum
+from medinfer.errors import (
+    ConfigError,
+    GeometryError,
+    MedinferError,
+    ResourceLimitError,
+    parse_enum,
+)
 from medinfer.slices.export import metadata_name, read_export_metadata, strip_image_suffix
 from medinfer.slices.geometry import SliceAxis, SliceMapping, mapping_from_affine
 from medinfer.slices.labels import LabelTable
@@ -60,6 +66,8 @@ log = logging.getLogger(__name__)
 
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 _MASK_SUFFIX = "_pred_mask"
+#: refuse to allocate masks larger than this (voxels; int16 -> 2 GB)
+_MAX_VOXELS = 1_000_000_000
 
 
 class SliceReconstructionWarning(UserWarning):
@@ -87,6 +95,7 @@ class PatientResult:
     missing_slices: list[int] = field(default_factory=list)
     num_polygons: int = 0
     voxels_per_label: dict[int, int] = field(default_factory=dict)
+    voxel_volume_ml: float = 0.0
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -106,6 +115,7 @@ class PatientResult:
                 str(k): {
                     "name": labels[k].name if labels is not None and k in labels else None,
                     "voxels": v,
+                    "volume_ml": v * self.voxel_volume_ml,
                 }
                 for k, v in sorted(self.voxels_per_label.items())
             },
@@ -206,6 +216,22 @@ def rasterize_slice(
 
 
 # ---------------------------------------------------------------- finding inputs
+def _looks_like_dicom_dir(folder: Path, limit: int = 50) -> bool:
+    """True if one of the first ``limit`` files in ``folder`` is DICOM (suffix or preamble)."""
+    for n, child in enumerate(folder.iterdir()):
+        if n >= limit:
+            break
+        if not child.is_file():
+            continue
+        if child.suffix.lower() == ".dcm":
+            return True
+        if child.suffix == "" and child.stat().st_size > 132:
+            with child.open("rb") as fh:
+                if fh.read(132)[128:] == b"DICM":
+                    return True
+    return False
+
+
 def _candidate_images(folder: Path, names: set[str]) -> list[Path]:
     found = []
     for p in sorted(folder.rglob("*")):
@@ -213,7 +239,7 @@ def _candidate_images(folder: Path, names: set[str]) -> list[Path]:
             continue
         if p.is_file() and p.name.lower().endswith(_IMAGE_SUFFIXES):
             stem = strip_image_suffix(p.name)
-        elif p.is_dir():
+        elif p.is_dir() and p.name in names and _looks_like_dicom_dir(p):
             stem = p.name
         else:
             continue
@@ -231,7 +257,9 @@ def find_original_image(
 ) -> Path | None:
     """Locate the original scan of ``patient_id``.
 
-    Search order: in ``inference_dir`` (recursive) an image file or DICOM folder named
+    Search order: in ``inference_dir`` (recursive) an image file (``.nii``, ``.nii.gz``,
+    ``.nrrd``, ``.mha``, ``.mhd``) or a DICOM folder (holding ``.dcm`` files or files
+    with the DICM preamble) named
     ``{patient_id}``, ``{patient_id}_0000`` (nnU-Net) or the metadata's source file
     name; then the metadata's ``source`` path itself. Files ending in ``_pred_mask``
     are never taken.
@@ -264,18 +292,25 @@ def find_original_image(
 
 
 def find_metadata(patient_id: str, folders: Sequence[str | os.PathLike[str] | None]) -> Path | None:
-    """First ``{patient_id}_export.json`` in ``folders`` (each searched recursively)."""
+    """The export metadata ``{patient_id}_export.json`` found in ``folders`` (recursive).
+
+    An image export (``"content": "image"``) is preferred over a label export; among
+    equals the first folder, then the shallowest path wins.
+    """
     name = metadata_name(patient_id)
+    found: list[Path] = []
     for folder in folders:
         if folder is None or not Path(folder).is_dir():
             continue
-        direct = Path(folder) / name
-        if direct.is_file():
-            return direct
-        for p in sorted(Path(folder).rglob(name)):
-            if p.is_file():
+        hits = [p for p in Path(folder).rglob(name) if p.is_file()]
+        found.extend(sorted(hits, key=lambda p: (len(p.parts), str(p))))
+    for p in found:
+        try:
+            if json.loads(p.read_text(encoding="utf-8")).get("content") == "image":
                 return p
-    return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            continue
+    return found[0] if found else None
 
 
 # ------------------------------------------------------------------ writing
@@ -406,6 +441,11 @@ def reconstruct_patient(
         )
 
     n, h, w = mapping.num_slices, mapping.height, mapping.width
+    if n * h * w > _MAX_VOXELS:
+        raise ResourceLimitError(
+            f"patient {patient_id!r}: grid {mapping.shape} has {n * h * w} voxels, more than "
+            f"{_MAX_VOXELS}"
+        )
     bad = sorted(i for i in prediction_files if i >= n)
     if bad:
         raise MedinferError(
@@ -429,6 +469,7 @@ def reconstruct_patient(
     mask = np.ascontiguousarray(mapping.from_slices(stack))
     values, counts = np.unique(mask, return_counts=True)
     result.voxels_per_label = {int(v): int(c) for v, c in zip(values, counts, strict=True)}
+    result.voxel_volume_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
 
     out = Path(mask_path)
     _write_mask(mask, affine, original, out)
