@@ -444,3 +444,20 @@ def test_enhanced_mr_by_hand_shuffled_frames(tmp_path: Path) -> None:
     assert np.allclose(back.array, vol.array * (1 + k) + 0.5)
     assert np.allclose(back.affine, vol.affine, atol=1e-6)
     assert back.meta["frame_numbers"] == [int(np.flatnonzero(order == i)[0]) + 1 for i in k]
+
+
+def test_unreadable_file_named_in_gap_error(tmp_path: Path) -> None:
+    _, folder = _series(tmp_path)
+    f = _by_position(folder)[3]
+    f.write_bytes(f.read_bytes()[:200])  # header cut short: unreadable
+    with pytest.raises(GeometryError, match=r"unreadable file\(s\) were skipped"):
+        load(folder)
+
+
+def test_single_frame_enhanced_object(tmp_path: Path) -> None:
+    vol = random_volume(GEOMETRIES["lps_aniso"], shape=(6, 5, 1), dtype="uint16", seed=4)
+    path = tmp_path / "one.dcm"
+    _enhanced_by_hand(vol, path, np.array([0]))
+    back = load(path)
+    assert np.allclose(back.array, vol.array * 1 + 0.5)
+    assert np.allclose(back.affine[:3, :2], vol.affine[:3, :2], atol=1e-6)

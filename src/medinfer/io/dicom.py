@@ -297,10 +297,16 @@ def _read_header(f: Path, report: _ScanReport) -> tuple[_Entry | None, str]:
         has_image = "Rows" in ds and "Columns" in ds
     except _PARSE_ERRORS as exc:
         report.unreadable.append((f, f"{type(exc).__name__}: {exc}"))
+        log.warning("%s: skipped, unreadable DICOM (%s: %s)", f, type(exc).__name__, exc)
         return None, f"unreadable DICOM ({type(exc).__name__}: {exc})"
     if is_dir:
         report.dicomdir += 1
         return None, "a DICOMDIR (an index of a file set), not an image"
+    if not sop_class and not has_image:
+        why = "no data set after the file meta information (truncated or empty file)"
+        report.unreadable.append((f, why))
+        log.warning("%s: skipped, %s", f, why)
+        return None, f"unreadable DICOM ({why})"
     if sop_class == _SEG_SOP_CLASS:
         report.segmentation += 1
         return None, "a DICOM Segmentation object, not an image series"
@@ -362,7 +368,8 @@ def read_dicom(
 
     Parameters
     ----------
-    path : a DICOM file, or a folder searched recursively.
+    path : a DICOM file (that file only: one slice, or every frame of a multi-frame
+        file), or a folder searched recursively.
     series_uid : the SeriesInstanceUID to load; required when ``path`` holds several
         image series.
     max_bytes : limit on the returned array's size (default 4 GiB or
@@ -400,9 +407,18 @@ def read_dicom(
     groups = _group(entries)
     chosen = _choose(p, groups, series_uid)
     frames = [fr for e in chosen for fr in _frames_of(e)]
-    order, affine_lps, slice_spacing = _stack_geometry(
-        frames, position_tolerance_mm, spacing_rtol
-    )
+    try:
+        order, affine_lps, slice_spacing = _stack_geometry(
+            frames, position_tolerance_mm, spacing_rtol
+        )
+    except GeometryError as exc:
+        if not report.unreadable:
+            raise
+        bad, why = report.unreadable[0]
+        raise GeometryError(
+            f"{exc} (note: {len(report.unreadable)} unreadable file(s) were skipped, e.g. "
+            f"{bad}: {why})"
+        ) from None
     frames = [frames[i] for i in order]
     rows, cols = _int(frames[0].entry, "Rows"), _int(frames[0].entry, "Columns")
     out_dtype = _output_dtype(frames)
@@ -414,11 +430,14 @@ def read_dicom(
 
 
 def _choose(p: Path, groups: dict[str, list[_Entry]], series_uid: str | None) -> list[_Entry]:
-    def listing() -> str:
-        return "\n".join(
+    def listing(limit: int = 50) -> str:
+        lines = [
             f"  {i + 1}. {_series_info(uid, g).describe()}"
-            for i, (uid, g) in enumerate(groups.items())
-        )
+            for i, (uid, g) in enumerate(list(groups.items())[:limit])
+        ]
+        if len(groups) > limit:
+            lines.append(f"  ... and {len(groups) - limit} more (medinfer.io.list_series)")
+        return "\n".join(lines)
 
     if series_uid is not None:
         uid = str(series_uid).strip()
@@ -636,8 +655,9 @@ def _stack_geometry(
         dup = np.flatnonzero(gaps < tol_mm)
         if dup.size:
             i = int(dup[0])
+            involved = len(set(dup.tolist()) | set((dup + 1).tolist()))
             raise GeometryError(
-                f"{first.where()}: {dup.size + 1 if dup.size == 1 else dup.size} slices share "
+                f"{first.where()}: {involved} slices share "
                 f"a position (e.g. {frames[order[i]].where()} and "
                 f"{frames[order[i + 1]].where()} at {d[i]:.3f} mm along the normal); the "
                 "series holds several echoes, time points or stacks. Split it (dcm2niix "
@@ -718,7 +738,7 @@ def _read_pixels(
         pixels = _pixel_array(frames[ks[0]].entry, rows, cols)
         for k in ks:
             f = frames[k]
-            raw = pixels if f.index is None else pixels[f.index]
+            raw = pixels[0 if f.index is None else f.index]
             if out.dtype.kind == "f":
                 vals = raw.astype(np.float64)
                 if f.slope != 1.0 or f.intercept != 0.0:
@@ -766,6 +786,7 @@ def _ensure_transfer_syntax(ds: Dataset) -> None:
 
 
 def _pixel_array(e: _Entry, rows: int, cols: int) -> np.ndarray:
+    """Stored pixel values of a file, shape (frames, rows, columns)."""
     n = _n_frames(e.ds)
     try:
         ds = pydicom.dcmread(e.path, force=True)
@@ -781,12 +802,12 @@ def _pixel_array(e: _Entry, rows: int, cols: int) -> np.ndarray:
             "The file may be truncated, or its compression needs an extra decoder "
             "(pylibjpeg, python-gdcm)"
         ) from None
-    expected = (rows, cols) if n == 1 else (n, rows, cols)
-    if n == 1 and arr.shape == (1, rows, cols):
-        arr = arr[0]
-    if arr.shape != expected:
+    if n == 1 and arr.shape == (rows, cols):
+        arr = arr[np.newaxis]
+    if arr.shape != (n, rows, cols):
         raise InvalidImageError(
-            f"{e.path}: pixel data of shape {arr.shape}; the header announces {expected}"
+            f"{e.path}: pixel data of shape {arr.shape}; the header announces "
+            f"{n} frame(s) of {rows} x {cols}"
         )
     return arr
 
