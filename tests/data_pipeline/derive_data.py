@@ -30,8 +30,9 @@ def main() -> None:
     zero = arr == 0
     labels, _ = ndimage.label(zero)
     border = np.unique(
-        np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel(),
-                        labels[:, :, [0, -1]].ravel()])
+        np.concatenate(
+            [labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel(), labels[:, :, [0, -1]].ravel()]
+        )
     )
     air = np.isin(labels, border[border > 0])
     arr[air] = -1024

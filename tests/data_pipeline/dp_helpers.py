@@ -140,8 +140,9 @@ def make_data_dir(root: Path, n_ct_studies: int = 3) -> Path:
     raw = root / "raw"
     for s in range(n_ct_studies):
         for i in range(1 + s % 2):
-            arr, aff, _ = head_phantom((44 + 4 * i, 48, 12 + s), (1.0, 1.0, 3.0),
-                                       marker_ras_offset=(10 + 2 * s, 8, 4 * i))
+            arr, aff, _ = head_phantom(
+                (44 + 4 * i, 48, 12 + s), (1.0, 1.0, 3.0), marker_ras_offset=(10 + 2 * s, 8, 4 * i)
+            )
             save_nifti(arr, aff, raw / f"ct{s:02d}" / f"ct_{i}.nii.gz")
     arr, aff, _ = head_phantom((40, 44, 40), (1.0, 1.0, 1.0))
     mri = np.clip(arr.astype(np.float32) + 1000, 0, 1100) * 0.2 + 7.0

@@ -128,8 +128,10 @@ def test_killed_build_is_completed_by_the_next_run(tmp_path):
     total = len(DatasetMetadata.load(root).images)
 
     proc = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_BUILD, str(root)], start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [sys.executable, "-c", _SLOW_BUILD, str(root)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:

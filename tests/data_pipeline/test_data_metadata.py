@@ -41,8 +41,13 @@ def test_unmatched_image_and_bad_modes_are_config_errors(tmp_path):
 
 
 def test_load_rejects_paths_leaving_the_data_folder(tmp_path):
-    doc = {"format": "medinfer.data.metadata", "version": 1, "images": [
-        {"study": "a", "image": "b", "path": "../../etc/passwd", "mode": "ct", "kind": "nifti"}]}
+    doc = {
+        "format": "medinfer.data.metadata",
+        "version": 1,
+        "images": [
+            {"study": "a", "image": "b", "path": "../../etc/passwd", "mode": "ct", "kind": "nifti"}
+        ],
+    }
     (tmp_path / "metadata.json").write_text(json.dumps(doc))
     with pytest.raises(ConfigError, match="leaves the data folder"):
         DatasetMetadata.load(tmp_path)

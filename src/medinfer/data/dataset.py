@@ -139,16 +139,6 @@ class ImageDataset(Dataset[dict[str, Any] | None]):
             raise ConfigError(f"missing_label: {missing_label!r}; use 'error' or 'skip'")
 
         entries = list(self.metadata.images)
-        if self.labels is not None:
-            unlabelled = sorted({e.study for e in entries if e.study not in self.labels})
-            if unlabelled and missing_label == "error":
-                raise ConfigError(
-                    f"study_labels: no label for {len(unlabelled)} studies, e.g. {unlabelled[:5]}; "
-                    "pass missing_label='skip' to leave them out"
-                )
-            if unlabelled:
-                log.warning("leaving out %d studies without a label", len(unlabelled))
-            entries = [e for e in entries if e.study in self.labels]
         self.cache: CacheManager | None = None
         if self.use_cache:
             self.cache = CacheManager(self.data_dir, metadata=self.metadata, config=self.config)
@@ -169,6 +159,16 @@ class ImageDataset(Dataset[dict[str, Any] | None]):
                 if meta.get("status") == "ok":
                     usable.append(e)
             entries = usable
+        if self.labels is not None:
+            unlabelled = sorted({e.study for e in entries if e.study not in self.labels})
+            if unlabelled and missing_label == "error":
+                raise ConfigError(
+                    f"study_labels: no label for {len(unlabelled)} studies, e.g. {unlabelled[:5]}; "
+                    "pass missing_label='skip' to leave them out"
+                )
+            if unlabelled:
+                log.warning("leaving out %d studies without a label", len(unlabelled))
+            entries = [e for e in entries if e.study in self.labels]
         self.entries: list[ImageEntry] = entries
 
     # ------------------------------------------------------------------ basics
