@@ -101,7 +101,6 @@ def make_dicom_zip(nifti: Path, out: Path, members: Mapping[str, bytes] | None =
     Geometry: ImageOrientationPatient / ImagePositionPatient in LPS from the NIfTI affine
     (RAS -> LPS flips x and y). Extra raw ``members`` are added as given.
     """
-    import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -205,7 +204,7 @@ class Server:
             cmd = [sys.executable, "-m", "uvicorn", "medinfer.serve:app", "--host", "127.0.0.1",
                    "--port", str(self.port), "--log-level", "warning"]
         self.log = log
-        self._log_fh = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self._log_fh = open(log, "ab")
         self.proc = subprocess.Popen(cmd, env=full, stdout=self._log_fh,
                                      stderr=subprocess.STDOUT, cwd=str(REPO))
 

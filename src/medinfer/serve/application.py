@@ -501,10 +501,11 @@ def create_app(settings: ServeSettings | None = None,
         if header.lower().startswith("bearer "):
             key = header[7:].strip()
         await ws.accept()
-        if not _key_ok(key):
-            await _ws_error(ws, 401, "Unauthorized", "missing or wrong API key", code=1008)
-            return
         try:
+            if not _key_ok(key):
+                await asyncio.wait_for(ws.receive(), 5.0)  # let the client send first
+                await _ws_error(ws, 401, "Unauthorized", "missing or wrong API key")
+                return
             job_id = await _ws_open(ws)
             if job_id is None:
                 return

@@ -15,6 +15,7 @@ no folders) and written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -118,11 +119,11 @@ class InferenceClient:
 
     def health(self) -> dict[str, Any]:
         """``GET /health/ready``; raises InferenceAPIError(503) while not ready."""
-        return self._request("GET", "/health/ready").json()  # type: ignore[no-any-return]
+        return self._request("GET", "/health/ready").json()
 
     def model_card(self) -> dict[str, Any]:
         """The served model's card (first entry of ``GET /v1/models``)."""
-        return self._request("GET", "/v1/models").json()["models"][0]  # type: ignore[no-any-return]
+        return self._request("GET", "/v1/models").json()["models"][0]
 
     # ----------------------------------------------------------------- predict
     def predict(self, scan: str | os.PathLike[str], *, threshold: float | None = None,
@@ -186,15 +187,15 @@ class InferenceClient:
 
     def status(self, job_id: str | None = None) -> dict[str, Any]:
         """``GET /api/v1/inference/{id}``: status, progress (percent), stage."""
-        return self._request("GET", f"/api/v1/inference/{self._job(job_id)}").json()  # type: ignore[no-any-return]
+        return self._request("GET", f"/api/v1/inference/{self._job(job_id)}").json()
 
     def results(self, job_id: str | None = None) -> dict[str, Any]:
         """``GET /api/v1/inference/{id}/results`` (409 while not finished)."""
-        return self._request("GET", f"/api/v1/inference/{self._job(job_id)}/results").json()  # type: ignore[no-any-return]
+        return self._request("GET", f"/api/v1/inference/{self._job(job_id)}/results").json()
 
     def cancel(self, job_id: str | None = None) -> dict[str, Any]:
         """``DELETE /api/v1/inference/{id}``."""
-        return self._request("DELETE", f"/api/v1/inference/{self._job(job_id)}").json()  # type: ignore[no-any-return]
+        return self._request("DELETE", f"/api/v1/inference/{self._job(job_id)}").json()
 
     def wait_for_results(self, timeout: float = 600.0, job_id: str | None = None,
                          poll_interval: float = 0.25) -> dict[str, Any]:
@@ -268,16 +269,20 @@ class InferenceClient:
         url = re.sub(r"^http", "ws", self.base_url) + "/api/v1/inference/stream"
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
         text = str(scan_or_job)
-        with connect(url, additional_headers=headers, open_timeout=timeout,
-                     max_size=64 * 1024 * 1024) as ws:
-            if re.fullmatch(r"[0-9a-f]{32}", text) and not Path(text).exists():
-                ws.send(json.dumps({"job_id": text}))
-            else:
-                data = Path(text).read_bytes()
-                ws.send(json.dumps({"action": "submit", "size": len(data),
-                                    "config": dict(config or {})}))
-                for i in range(0, len(data), _WS_CHUNK):
-                    ws.send(data[i:i + _WS_CHUNK])
+        ws = connect(url, additional_headers=headers, open_timeout=timeout,
+                     max_size=64 * 1024 * 1024)
+        try:
+            try:
+                if re.fullmatch(r"[0-9a-f]{32}", text) and not Path(text).exists():
+                    ws.send(json.dumps({"job_id": text}))
+                else:
+                    data = Path(text).read_bytes()
+                    ws.send(json.dumps({"action": "submit", "size": len(data),
+                                        "config": dict(config or {})}))
+                    for i in range(0, len(data), _WS_CHUNK):
+                        ws.send(data[i:i + _WS_CHUNK])
+            except ConnectionClosed:
+                pass  # the server refused early; its error event is read below
             for _ in range(1_000_000):  # bounded: the server ends the stream
                 try:
                     msg = ws.recv(timeout=timeout)
@@ -292,3 +297,6 @@ class InferenceClient:
                 if event.get("event") in ("completed", "failed", "cancelled", "expired",
                                           "error"):
                     return
+        finally:
+            with contextlib.suppress(ConnectionClosed):
+                ws.close()

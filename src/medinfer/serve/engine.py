@@ -136,7 +136,7 @@ class ModelEngine:
         self.card = _override_card(card, threshold=threshold, pad_multiple=pad_multiple,
                                    clip_percentiles=clip_percentiles)
         self.model = load_model(self.card, self.model_dir, self.device)
-        self._predictors: dict[float | None, Any] = {}
+        self._predictors: dict[tuple[float | None, bool], Any] = {}
         self._lock = threading.Lock()
 
     @property
@@ -149,15 +149,17 @@ class ModelEngine:
         data["device"] = str(self.device)
         return data
 
-    def _predictor(self, threshold: float | None) -> Any:
-        from medinfer.inference import Predictor  # type: ignore[attr-defined,unused-ignore]
+    def _predictor(self, threshold: float | None, save_probabilities: bool) -> Any:
+        from medinfer.inference import Predictor
 
+        key = (threshold, save_probabilities)
         with self._lock:
-            pred = self._predictors.get(threshold)
+            pred = self._predictors.get(key)
             if pred is None:
                 card = _override_card(self.card, threshold=threshold)
-                pred = Predictor(card, self.model, device=self.device)
-                self._predictors[threshold] = pred
+                pred = Predictor(card, self.model, device=str(self.device),
+                                 save_probabilities=save_probabilities)
+                self._predictors[key] = pred
             return pred
 
     def predict(self, volume: Volume, config: JobConfig,
@@ -171,7 +173,8 @@ class ModelEngine:
 
         if self.card.task is Task.DETECTION:
             return self._detect(volume, config, progress)
-        return self._predictor(config.threshold).predict(volume, progress=progress)  # type: ignore[no-any-return,unused-ignore]
+        predictor = self._predictor(config.threshold, config.save_probabilities)
+        return predictor.predict(volume, progress=progress)
 
     def _detect(self, volume: Volume, config: JobConfig,
                 progress: ProgressFn | None) -> Prediction:
