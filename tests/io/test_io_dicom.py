@@ -461,3 +461,15 @@ def test_single_frame_enhanced_object(tmp_path: Path) -> None:
     back = load(path)
     assert np.allclose(back.array, vol.array * 1 + 0.5)
     assert np.allclose(back.affine[:3, :2], vol.affine[:3, :2], atol=1e-6)
+
+
+def test_huge_number_of_frames_rejected_early(tmp_path: Path) -> None:
+    vol = random_volume(GEOMETRIES["lps_aniso"], shape=(6, 5, 3), dtype="uint16", seed=4)
+    path = tmp_path / "many.dcm"
+    _enhanced_by_hand(vol, path, np.arange(3))
+    ds = pydicom.dcmread(path)
+    ds.NumberOfFrames = 2_000_000_000
+    del ds.PerFrameFunctionalGroupsSequence
+    ds.save_as(path)
+    with pytest.raises(ResourceLimitError, match="6 x 5 x 2000000000"):
+        load(path)

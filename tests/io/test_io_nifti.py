@@ -262,3 +262,14 @@ def test_bad_output_suffix_and_dtype_leave_nothing(tmp_path: Path) -> None:
     with pytest.raises(InvalidImageError, match="complex"):
         write_nifti(cplx, tmp_path / "c.nii.gz")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_absurd_vox_offset(tmp_path: Path) -> None:
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(np.uint8)
+    hdr.set_data_shape((2, 2, 2))
+    hdr["vox_offset"] = 1e12
+    p = tmp_path / "offset.nii.gz"
+    p.write_bytes(gzip.compress(hdr.binaryblock + b"\x00" * 64))
+    with pytest.raises(InvalidImageError, match="vox_offset"):
+        load(p)

@@ -406,6 +406,14 @@ def read_dicom(
         raise InvalidImageError(f"{p}: no DICOM images found ({report.summary()})")
     groups = _group(entries)
     chosen = _choose(p, groups, series_uid)
+    # lower bound from the headers before any per-frame work (NumberOfFrames may lie)
+    first = chosen[0]
+    check_array_size(
+        (_int(first, "Columns"), _int(first, "Rows"), sum(_n_frames(e.ds) for e in chosen)),
+        max(1, (_int_or_none(first.ds, "BitsAllocated") or 8) // 8),
+        str(p),
+        max_bytes,
+    )
     frames = [fr for e in chosen for fr in _frames_of(e)]
     try:
         order, affine_lps, slice_spacing = _stack_geometry(

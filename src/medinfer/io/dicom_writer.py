@@ -227,9 +227,8 @@ def _encoding(data: np.ndarray) -> tuple[np.ndarray, float, float, int, bool]:
     if slope <= 0:
         slope = 1.0
     raw = np.rint((data.astype(np.float64) - intercept) / slope)
-    while raw.max() > 65535:  # DS rounding of the slope made it a hair too small
-        slope = float(format_number_as_ds(slope * (1 + 1e-9) + 1e-300))
-        raw = np.rint((data.astype(np.float64) - intercept) / slope)
+    # DS rounding (16 characters) of slope/intercept can push the extremes a hair out of
+    # range; clipping there changes values by ~1e-10 of the range
     return np.clip(raw, 0, 65535).astype(np.uint16), slope, intercept, 16, False
 
 

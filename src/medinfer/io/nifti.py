@@ -60,6 +60,7 @@ _DATA_OFFSET = {1: 352, 2: 544}
 _UNIT_TO_MM = {"unknown": 1.0, "mm": 1.0, "meter": 1000.0, "micron": 1e-3}
 _NIFTI1_MAX_DIM = 32767
 _CHUNK = 1 << 24  # bytes per read call while decompressing
+_MAX_VOX_OFFSET = 1 << 26  # 64 MiB of header extensions at most
 
 
 # ----------------------------------------------------------------------------- reading
@@ -118,7 +119,13 @@ def read_nifti(path: str | os.PathLike[str], *, max_bytes: int | None = None) ->
     n_vox = int(np.prod(file_shape, dtype=object))
     check_array_size(file_shape, max(out_dtype.itemsize, raw_dtype.itemsize), str(p), max_bytes)
     n_bytes = n_vox * raw_dtype.itemsize
-    offset = max(int(float(hdr["vox_offset"])), _DATA_OFFSET[version])
+    vox_offset = float(hdr["vox_offset"])
+    if not np.isfinite(vox_offset) or vox_offset > _MAX_VOX_OFFSET:
+        raise InvalidImageError(
+            f"{p}: NIfTI vox_offset {vox_offset} is not a plausible data offset "
+            f"(at most {_MAX_VOX_OFFSET} bytes of header and extensions are accepted)"
+        )
+    offset = max(int(vox_offset), _DATA_OFFSET[version])
     if not gz:
         size = p.stat().st_size
         if size < offset + n_bytes:
@@ -226,8 +233,8 @@ def _slope_inter(p: Path, hdr: Any) -> tuple[float | None, float | None]:
 
 def _scaled_dtype(raw_dtype: np.dtype[Any]) -> np.dtype[Any]:
     """float32, or float64 when float32 would lose stored precision."""
-    if raw_dtype.itemsize >= 4 and raw_dtype.kind in "iu" or raw_dtype.kind == "f" and (
-        raw_dtype.itemsize == 8
+    if (raw_dtype.kind in "iu" and raw_dtype.itemsize >= 4) or (
+        raw_dtype.kind == "f" and raw_dtype.itemsize == 8
     ):
         return np.dtype(np.float64)
     return np.dtype(np.float32)
