@@ -273,3 +273,24 @@ def test_absurd_vox_offset(tmp_path: Path) -> None:
     p.write_bytes(gzip.compress(hdr.binaryblock + b"\x00" * 64))
     with pytest.raises(InvalidImageError, match="vox_offset"):
         load(p)
+
+
+def test_qform_only_and_vector_and_2d(tmp_path: Path) -> None:
+    aff = GEOMETRIES["lps_aniso"]
+    img = nib.Nifti1Image(np.arange(24, dtype=np.int16).reshape(4, 3, 2), None)
+    img.set_qform(aff, code=1)
+    img.set_sform(None, code=0)
+    nib.save(img, tmp_path / "q.nii")
+    vol = read_nifti(tmp_path / "q.nii")
+    assert vol.meta["nifti"]["affine_source"] == "qform"
+    assert np.allclose(vol.affine, aff, atol=1e-5)
+    vec = np.random.default_rng(0).random((4, 3, 2, 1, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vec, aff), tmp_path / "vec.nii.gz")
+    v = read_nifti(tmp_path / "vec.nii.gz")
+    assert v.shape == (3, 4, 3, 2)
+    assert np.array_equal(v.array[2], vec[:, :, :, 0, 2])
+    flat = np.arange(12, dtype=np.uint8).reshape(4, 3)
+    nib.save(nib.Nifti1Image(flat, aff), tmp_path / "flat.nii")
+    f = read_nifti(tmp_path / "flat.nii")
+    assert f.shape == (1, 4, 3, 1)
+    assert np.array_equal(f.array[0, :, :, 0], flat)
