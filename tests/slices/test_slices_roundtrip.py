@@ -17,12 +17,9 @@ from slices_helpers import FRAMES, dice, load_pair, save, write_predictions
 from medinfer import io
 from medinfer.slices import export_slices, reconstruct
 
-CASES = [(f, "axial") for f in FRAMES] + [
-    ("LPS", "coronal"),
-    ("OBLIQUE", "sagittal"),
-    ("OBLIQUE_LPS", "coronal"),
-    ("PERMUTED", "sagittal"),
-]
+# every frame axial; coronal and sagittal on the oblique frames (the display mapping of
+# all 48 axis orders is checked in test_slices_geometry.py)
+CASES = [(f, "axial") for f in FRAMES] + [("OBLIQUE", "sagittal"), ("OBLIQUE_LPS", "coronal")]
 
 
 @pytest.mark.parametrize(("frame", "axis"), CASES)

@@ -108,11 +108,12 @@ def _ring_ok(ring: Any) -> bool:
 
 
 def _skeleton_if_rings_valid(data: Any) -> Any:
-    """``data`` with every polygon/hole ring replaced by ``[]``, or None if any ring is
-    not a list of ``[number, number]`` (or the structure is unexpected)."""
+    """``data`` with every polygon/hole ring replaced by ``[]`` and identical predictions
+    merged, or None if any ring is not a list of ``[number, number]`` (or the structure
+    is unexpected). Valid exactly when ``data`` is valid."""
     if not isinstance(data, dict) or not isinstance(data.get("predictions"), list):
         return None
-    preds = []
+    preds: dict[str, Any] = {}
     for pred in data["predictions"]:
         if not isinstance(pred, dict):
             return None
@@ -126,9 +127,9 @@ def _skeleton_if_rings_valid(data: Any) -> Any:
             if type(holes) is not list or not all(_ring_ok(h) for h in holes):
                 return None
             new["holes"] = [[] for _ in holes]
-        preds.append(new)
+        preds.setdefault(json.dumps(new, sort_keys=True), new)
     out = dict(data)
-    out["predictions"] = preds
+    out["predictions"] = list(preds.values())
     return out
 
 
@@ -143,11 +144,13 @@ def validate_prediction(data: Any, source: str = "prediction") -> None:
     validator = _validator()
     # jsonschema walks every [x, y] point through $refs (seconds for a few 10^4 points).
     # When all rings are plainly lists of two JSON numbers - exactly what the "ring"
-    # schema accepts - validate a copy with the rings emptied; otherwise validate the
-    # whole document so that the error message points at the offending ring.
+    # schema accepts - validate a copy with the rings emptied and duplicates merged;
+    # if that copy (or a ring) is invalid, validate the whole document so that the
+    # error message points at the offending item.
     skeleton = _skeleton_if_rings_valid(data)
-    target = data if skeleton is None else skeleton
-    errors = sorted(validator.iter_errors(target), key=lambda e: list(e.absolute_path))
+    if skeleton is not None and validator.is_valid(skeleton):
+        return
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]
         where = "/".join(str(p) for p in err.absolute_path) or "(root)"

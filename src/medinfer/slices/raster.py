@@ -56,61 +56,71 @@ def polygon_masks(
     boundary = np.zeros((height, width), dtype=bool)
     if p.shape[0] == 0 or not np.all(np.isfinite(p)):
         return closed, boundary
-    x0, y0 = p[:, 0], p[:, 1]
-    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
-    lo_y = max(0, int(np.ceil(y0.min() - _EPS)))
-    hi_y = min(height - 1, int(np.floor(y0.max() + _EPS)))
-    if lo_y > hi_y or p.shape[0] < 1:
+    # work on the bounding box of the polygon clipped to the grid
+    lo_y = max(0, int(np.ceil(p[:, 1].min() - _EPS)))
+    hi_y = min(height - 1, int(np.floor(p[:, 1].max() + _EPS)))
+    lo_x = max(0, int(np.ceil(p[:, 0].min() - _EPS)))
+    hi_x = min(width - 1, int(np.floor(p[:, 0].max() + _EPS)))
+    if lo_y > hi_y or lo_x > hi_x:
         return closed, boundary
+    w = hi_x - lo_x + 1
+    box_closed = closed[lo_y : hi_y + 1, lo_x : hi_x + 1]  # views
+    box_bnd = boundary[lo_y : hi_y + 1, lo_x : hi_x + 1]
+    tol = _EPS * max(1.0, float(np.abs(p).max()))
+    x0 = p[:, 0] - lo_x
+    y0 = p[:, 1]
+    x1 = np.concatenate([x0[1:], x0[:1]])
+    y1 = np.concatenate([y0[1:], y0[:1]])
     ymin_e = np.minimum(y0, y1)
     ymax_e = np.maximum(y0, y1)
     dy = y1 - y0
-    horizontal = np.abs(dy) <= 0.0
+    horizontal = dy == 0.0
     safe_dy = np.where(horizontal, 1.0, dy)
+    slope = (x1 - x0) / safe_dy
     chunk = max(1, min(256, _MAX_PAIRS // max(1, p.shape[0])))
     for start in range(lo_y, hi_y + 1, chunk):
         ys = np.arange(start, min(hi_y + 1, start + chunk), dtype=np.float64)[:, None]
+        nrows = ys.shape[0]
+        r0 = start - lo_y
         # x of every edge at every row of the chunk: (rows, edges)
-        with np.errstate(invalid="ignore"):
-            xs = x0 + (ys - y0) * (x1 - x0) / safe_dy
+        xs = x0 + (ys - y0) * slope
         # --- interior: half-open crossings, even-odd pairs
         cross = (~horizontal) & (ymin_e <= ys) & (ys < ymax_e)
         xc = np.where(cross, xs, np.inf)
         xc.sort(axis=1)
-        ncross = cross.sum(axis=1)
-        max_pairs = int(ncross.max()) // 2 if ncross.size else 0
+        max_pairs = int(cross.sum(axis=1).max()) // 2
         if max_pairs:
             starts = xc[:, 0 : 2 * max_pairs : 2]
             ends = xc[:, 1 : 2 * max_pairs : 2]
             valid = np.isfinite(starts) & np.isfinite(ends)
-            c0 = np.clip(np.ceil(starts - _EPS), 0, width).astype(np.int64)
-            c1 = np.clip(np.floor(ends + _EPS) + 1, 0, width).astype(np.int64)
+            c0 = np.clip(np.ceil(np.where(valid, starts, 0.0) - _EPS), 0, w).astype(np.int64)
+            c1 = np.clip(np.floor(np.where(valid, ends, 0.0) + _EPS) + 1, 0, w).astype(np.int64)
             keep = valid & (c1 > c0)
-            rows_idx = np.broadcast_to(np.arange(ys.shape[0])[:, None], keep.shape)[keep]
-            diff = np.zeros((ys.shape[0], width + 1), dtype=np.int32)
+            rows_idx = np.broadcast_to(np.arange(nrows)[:, None], keep.shape)[keep]
+            diff = np.zeros((nrows, w + 1), dtype=np.int32)
             np.add.at(diff, (rows_idx, c0[keep]), 1)
             np.add.at(diff, (rows_idx, c1[keep]), -1)
-            r0 = int(ys[0, 0])
-            closed[r0 : r0 + ys.shape[0]] |= np.cumsum(diff[:, :width], axis=1) > 0
+            box_closed[r0 : r0 + nrows] |= np.cumsum(diff[:, :w], axis=1) > 0
         # --- boundary lattice points on non-horizontal edges
         on = (~horizontal) & (ymin_e - _EPS <= ys) & (ys <= ymax_e + _EPS)
         xr = np.rint(xs)
-        hit = on & (np.abs(xs - xr) <= _EPS * max(1.0, float(np.abs(p).max())))
-        hit &= (xr >= 0) & (xr < width)
+        hit = on & (np.abs(xs - xr) <= tol) & (xr >= 0) & (xr < w)
         rr, ee = np.nonzero(hit)
         if rr.size:
-            r0 = int(ys[0, 0])
-            boundary[rr + r0, xr[rr, ee].astype(np.int64)] = True
+            box_bnd[rr + r0, xr[rr, ee].astype(np.int64)] = True
     # --- boundary lattice points on horizontal edges lying on a pixel row
-    for e in np.nonzero(horizontal)[0]:
-        yr = float(np.rint(y0[e]))
-        if abs(y0[e] - yr) > _EPS or not 0 <= yr < height:
-            continue
-        a = max(0, int(np.ceil(min(x0[e], x1[e]) - _EPS)))
-        b = min(width - 1, int(np.floor(max(x0[e], x1[e]) + _EPS)))
-        if a <= b:
-            boundary[int(yr), a : b + 1] = True
-    closed |= boundary
+    yr = np.rint(y0)
+    hz = horizontal & (np.abs(y0 - yr) <= tol) & (yr >= lo_y) & (yr <= hi_y)
+    if hz.any():
+        a = np.clip(np.ceil(np.minimum(x0, x1)[hz] - _EPS), 0, w).astype(np.int64)
+        b = np.clip(np.floor(np.maximum(x0, x1)[hz] + _EPS) + 1, 0, w).astype(np.int64)
+        rows_h = (yr[hz] - lo_y).astype(np.int64)
+        ok = b > a
+        diff = np.zeros((hi_y - lo_y + 1, w + 1), dtype=np.int32)
+        np.add.at(diff, (rows_h[ok], a[ok]), 1)
+        np.add.at(diff, (rows_h[ok], b[ok]), -1)
+        box_bnd |= np.cumsum(diff[:, :w], axis=1) > 0
+    box_closed |= box_bnd
     return closed, boundary
 
 
