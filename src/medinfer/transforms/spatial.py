@@ -412,22 +412,40 @@ def _separable_perm(m: np.ndarray, dst_shape: tuple[int, int, int]) -> list[int]
 
 
 class _AxisPlan:
-    """One 1-D pass: slice (view), take (gather) or lerp (linear interpolation)."""
+    """One 1-D pass along an axis of length ``n`` giving ``m`` samples.
 
-    def __init__(self, coords: np.ndarray, n: int, interp: Interpolation) -> None:
-        x = np.clip(coords, 0.0, n - 1.0)
-        self.m = int(coords.shape[0])
-        self.n = n
-        self.kind: str
+    ``kind`` is ``"slice"`` (gather that is an arithmetic progression: a view),
+    ``"take"`` (gather of ``i0``) or ``"lerp"`` (``(1 - w) * a[i0] + w * a[i1]``).
+    """
+
+    def __init__(
+        self, n: int, i0: np.ndarray, i1: np.ndarray | None = None, w: np.ndarray | None = None
+    ) -> None:
+        self.n = int(n)
+        self.m = int(i0.shape[0])
+        self.i0 = i0
         self.sl: slice | None = None
-        self.i0 = np.zeros(0, dtype=np.intp)
-        self.i1 = np.zeros(0, dtype=np.intp)
-        self.w = np.zeros(0, dtype=np.float64)
+        if w is not None and i1 is not None and np.any(w):
+            self.kind = "lerp"
+            self.i1 = i1
+            self.w = w
+            return
+        self.i1 = i0
+        self.w = np.zeros(self.m)
+        self.kind = "take"
+        step = int(i0[1] - i0[0]) if self.m > 1 else 1
+        if step != 0 and (self.m == 1 or np.all(np.diff(i0) == step)):
+            stop = int(i0[-1]) + step
+            self.kind = "slice"
+            self.sl = slice(int(i0[0]), None if stop < 0 else stop, step)
+
+    @classmethod
+    def from_coords(cls, coords: np.ndarray, n: int, interp: Interpolation) -> _AxisPlan:
+        """Plan sampling continuous voxel positions ``coords`` (border-clamped)."""
+        x = np.clip(coords, 0.0, n - 1.0)
         if interp is Interpolation.NEAREST:
             xs = np.round(x / _SNAP_VOX) * _SNAP_VOX
-            idx = np.clip(np.floor(xs + 0.5), 0, n - 1).astype(np.intp)
-            self._gather(idx)
-            return
+            return cls(n, np.clip(np.floor(xs + 0.5), 0, n - 1).astype(np.intp))
         i0 = np.floor(x)
         w = x - i0
         up = w > 1.0 - _SNAP_VOX
@@ -435,29 +453,25 @@ class _AxisPlan:
         w[up] = 0.0
         w[w < _SNAP_VOX] = 0.0
         i0i = np.clip(i0, 0, n - 1).astype(np.intp)
-        if not np.any(w):
-            self._gather(i0i)
-            return
-        self.kind = "lerp"
-        self.i0 = i0i
-        self.i1 = np.minimum(i0i + 1, n - 1)
-        self.w = w
+        return cls(n, i0i, np.minimum(i0i + 1, n - 1), w)
 
-    def _gather(self, idx: np.ndarray) -> None:
-        self.i0 = idx
-        self.kind = "take"
-        if idx.shape[0] == 1:
-            self.kind, self.sl = "slice", slice(int(idx[0]), int(idx[0]) + 1)
-            return
-        step = int(idx[1] - idx[0])
-        if step != 0 and np.all(np.diff(idx) == step):
-            stop = int(idx[-1]) + step
-            self.kind = "slice"
-            self.sl = slice(int(idx[0]), None if stop < 0 else stop, step)
+    @classmethod
+    def identity(cls, n: int) -> _AxisPlan:
+        return cls(n, np.arange(n, dtype=np.intp))
 
     @property
-    def identity(self) -> bool:
+    def is_identity(self) -> bool:
         return self.kind == "slice" and self.m == self.n and self.sl == slice(0, self.n, 1)
+
+    def sub(self, t0: int, t1: int) -> tuple[int, int, _AxisPlan]:
+        """Plan for outputs ``t0:t1`` reading only input ``lo:hi``; returns (lo, hi, plan)."""
+        i0 = self.i0[t0:t1]
+        i1 = self.i1[t0:t1]
+        lo = int(min(i0.min(), i1.min()))
+        hi = int(max(i0.max(), i1.max())) + 1
+        if self.kind == "lerp":
+            return lo, hi, _AxisPlan(hi - lo, i0 - lo, i1 - lo, self.w[t0:t1])
+        return lo, hi, _AxisPlan(hi - lo, i0 - lo)
 
 
 def _pass(
@@ -532,29 +546,40 @@ def _resample_separable(
     for c in range(3):
         r = perm[c]
         coords = m[r, c] * np.arange(dst_shape[c], dtype=np.float64) + m[r, 3]
-        plans.append(_AxisPlan(coords, arr4.shape[c + 1], interp))
-    # 1) integer shifts / flips are slices: free views
+        plans.append(_AxisPlan.from_coords(coords, arr4.shape[c + 1], interp))
+    # integer shifts / flips are slices: free views
     view: list[slice] = [slice(None)] * 4
     for c, p in enumerate(plans):
-        if p.kind == "slice" and p.sl is not None:
+        if p.sl is not None:
             view[c + 1] = p.sl
+            plans[c] = _AxisPlan.identity(p.m)
     arr4 = arr4[tuple(view)]
-    # 2) the other passes, per channel, in the order of least estimated work (cost per
-    #    output element grows from the first to the last, contiguous, axis), the last
-    #    pass writing straight into the output
-    todo = [c for c, p in enumerate(plans) if p.kind != "slice"]
-    order = min(
-        itertools.permutations(todo),
-        key=lambda seq: _pass_cost(seq, list(arr4.shape[1:]), plans),
-    )
     out = np.empty((src.shape[0], *dst_shape), dtype=out_dtype)
+    # Work in slabs of output axis 0 (each reads only the input rows it needs), one
+    # channel at a time: intermediates stay slab-sized. Within a slab, the 1-D passes run
+    # in the order of least estimated work, the last one writing into the output.
+    row_bytes = dst_shape[1] * dst_shape[2] * max(out_dtype.itemsize, src.dtype.itemsize)
+    step = max(1, _SLAB_BYTES // max(row_bytes, 1))
     for ch in range(src.shape[0]):
-        arr = arr4[ch]
-        if not order:
-            out[ch] = arr
-        for k, c in enumerate(order):
-            target = out[ch] if k == len(order) - 1 else None
-            arr = _pass(arr, c, plans[c], out_dtype, target)
+        for t0 in range(0, dst_shape[0], step):
+            t1 = min(dst_shape[0], t0 + step)
+            lo, hi, p0 = plans[0].sub(t0, t1)
+            block = arr4[ch, lo:hi]
+            sub = [p0, plans[1], plans[2]]
+            if p0.sl is not None:
+                block = block[p0.sl]
+                sub[0] = _AxisPlan.identity(p0.m)
+            todo = [c for c in range(3) if not sub[c].is_identity]
+            target = out[ch, t0:t1]
+            if not todo:
+                target[...] = block
+                continue
+            order = min(
+                itertools.permutations(todo),
+                key=lambda seq: _pass_cost(seq, list(block.shape), sub),
+            )
+            for k, c in enumerate(order):
+                block = _pass(block, c, sub[c], out_dtype, target if k == len(order) - 1 else None)
     return out
 
 
