@@ -426,3 +426,17 @@ def test_metadata_search_prefers_image_exports(tmp_path: Path) -> None:
         tmp_path / "a" / "deep" / "er" / "p9_export.json"
     )
     assert find_metadata("p8", [tmp_path]) is None
+
+
+def test_option_conflicts(small_case: dict) -> None:
+    case = small_case
+    _all_slices(case)
+    with pytest.raises(MedinferError, match="disagrees with the export metadata"):
+        reconstruct(
+            case["pred"],
+            output=case["tmp"] / "o",
+            inference_dir=case["tmp"] / "png",
+            axis="sagittal",
+        )
+    with pytest.raises(ConfigError, match="needs --patient-id"):
+        reconstruct(case["pred"], output=case["tmp"] / "o.nii.gz")

@@ -393,6 +393,11 @@ def reconstruct_patient(
                 f"{metadata_path}: metadata is for patient {meta.get('patient_id')!r}, "
                 f"used for {patient_id!r}"
             )
+        if axis is not None and parse_enum(SliceAxis, axis, "axis") is not mapping.axis:
+            raise ConfigError(
+                f"axis {axis!r} disagrees with the export metadata {metadata_path} "
+                f"({mapping.axis.value!r})"
+            )
     original: Path | None
     if original_image is not None:
         original = Path(original_image)
@@ -415,11 +420,6 @@ def reconstruct_patient(
                     f"not match the export metadata {metadata_path} (shape "
                     f"{list(mapping.shape)}, affine differs: "
                     f"{not np.allclose(meta_aff, affine, atol=1e-4)})"
-                )
-            if axis is not None and parse_enum(SliceAxis, axis, "axis") is not mapping.axis:
-                raise ConfigError(
-                    f"axis {axis!r} disagrees with the export metadata {metadata_path} "
-                    f"({mapping.axis.value!r})"
                 )
         else:
             mapping = mapping_from_affine(affine, shape, axis or SliceAxis.AXIAL)
@@ -583,6 +583,11 @@ def reconstruct(
             **common,
         )
         return [res]
+    if out.name.lower().endswith((".nii", ".nii.gz")):
+        raise ConfigError(
+            f"output {out}: batch mode writes one mask per patient into a folder; a file "
+            "name needs --patient-id"
+        )
     if original_image is not None or metadata is not None:
         raise ConfigError("--original-image / --metadata need --patient-id (single-patient mode)")
     if not groups:
