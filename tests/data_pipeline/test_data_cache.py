@@ -89,14 +89,14 @@ def test_up_to_date_entries_are_kept_and_changed_sources_rebuilt(data_dir):
 def test_parallel_build_equals_sequential_build(tmp_path):
     roots = []
     for name in ("seq", "par"):
-        root = make_data_dir(tmp_path / name)
+        root = make_data_dir(tmp_path / name, n_ct_studies=1)
         DatasetMetadata.from_directory(root, MODES).save(root)
         roots.append(root)
     CacheManager(roots[0]).build_cache(num_workers=0)
     report = CacheManager(roots[1]).build_cache(num_workers=2)
-    assert (report.built, report.unusable, report.failed) == (6, 1, {})
+    assert (report.built, report.unusable, report.failed) == (3, 1, {})
     seq, par = _npy_files(roots[0]), _npy_files(roots[1])
-    assert len(seq) == 6 * 2 + 5 * 2 and seq == par  # ct: 3 windows + mask, mri: 1 + mask
+    assert len(seq) == 2 * 4 + 2 and seq == par  # ct: 3 windows + mask, mri: 1 + mask
 
 
 def test_concurrent_build_is_refused(data_dir):

@@ -10,7 +10,7 @@ Layout (``<data_dir>/processed/``)::
     processed/.build.lock              held (flock) while a build runs
 
 Values are stored as ``round(255 * v)`` for ``v`` in [0, 1] and read back as
-``k / 255`` (float32; quantisation error <= 1/510). Arrays are plain ``.npy`` files
+``k * float32(1/255)`` (float32; quantisation error <= 1/510). Arrays are plain ``.npy`` files
 (no compression) so a cached load is one read plus a table look-up.
 
 Crash safety
@@ -68,8 +68,8 @@ MASK_FILE = "mask.npy"
 LOCK_FILE = ".build.lock"
 _FORMAT = "medinfer.data.cache"
 _VERSION = 1
-#: uint8 -> float32 look-up table (k -> k / 255)
-_LUT = (np.arange(256, dtype=np.float64) / 255.0).astype(np.float32)
+#: uint8 -> float32 scale (k -> k * float32(1 / 255), 255 -> exactly 1.0)
+_SCALE = np.float32(1.0 / 255.0)
 _MAX_META_BYTES = 16 * 1024 * 1024
 
 
@@ -79,8 +79,8 @@ def quantize(values: np.ndarray) -> np.ndarray:
 
 
 def dequantize(values: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 ``k / 255`` (exact float32 of k/255)."""
-    return _LUT[np.asarray(values, dtype=np.uint8)]
+    """uint8 -> float32 ``k * float32(1 / 255)`` (within 1 ulp of k / 255; 0 -> 0, 255 -> 1)."""
+    return np.multiply(np.asarray(values, dtype=np.uint8), _SCALE, dtype=np.float32)
 
 
 @dataclass
@@ -417,7 +417,8 @@ class CacheManager:
 
         Returns
         -------
-        float32 ``(C, D, H, W)`` (axes as :mod:`medinfer.data.prepare`), values ``k / 255``.
+        float32 ``(C, D, H, W)`` (axes as :mod:`medinfer.data.prepare`), values
+        ``k * float32(1 / 255)`` (see :func:`dequantize`).
 
         Raises
         ------
@@ -437,7 +438,7 @@ class CacheManager:
         out = np.empty((len(names), *shape), dtype=np.float32)
         for i, name in enumerate(names):
             arr = self._load_npy(folder / f"{name}.npy", shape)
-            np.take(_LUT, arr, out=out[i])
+            np.multiply(arr, _SCALE, out=out[i], dtype=np.float32)
         return out
 
     def load_mask(self, study: str, image: str) -> np.ndarray:
