@@ -1,10 +1,323 @@
-"""CLI sub-commands of the inference layer (``medinfer predict``)."""
+"""CLI sub-commands of the inference layer: ``medinfer predict``.
+
+``medinfer predict INPUT... --model PATH_OR_NAME -o OUTDIR`` runs a model on scans and
+writes, per case, ``<case>_seg.nii.gz`` (label map on the exact source grid),
+``<case>_stats.json`` (per-label voxels and mL, timings, model, input geometry), and on
+request ``<case>_prob.nii.gz`` and ``<case>_overlay.png``. Every file of a case is
+written atomically and only once the whole case has succeeded.
+
+Inputs: NIfTI files; folders of NIfTI files (each file one case); DICOM files; DICOM
+folders (a folder without NIfTI files directly inside is one DICOM case, read
+recursively; ``--series UID`` picks a series). Case names come from the file name
+(``.nii``/``.nii.gz`` stripped) or, for DICOM, the SeriesDescription, else the folder
+or file name.
+
+Detection models (card ``task: detection``) and ``--config`` runs are delegated to
+:func:`medinfer.postprocess.detection_cli.predict_detection`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from medinfer.inference.predictor import Predictor
+    from medinfer.models.card import ModelCard
+    from medinfer.prediction import Prediction
+    from medinfer.volume import Volume
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "demo-brain"
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclass(frozen=True)
+class CaseInput:
+    """One case to run: a NIfTI file, a DICOM file or a DICOM folder."""
+
+    path: Path
+    kind: str  # "nifti" | "dicom"
+
+
+def _is_nifti_name(p: Path) -> bool:
+    return p.name.lower().endswith(_NIFTI_SUFFIXES)
+
+
+def strip_nifti_suffix(name: str) -> str:
+    """``"brain.nii.gz"`` -> ``"brain"``; other names unchanged."""
+    low = name.lower()
+    for suffix in _NIFTI_SUFFIXES:
+        if low.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def discover_cases(inputs: list[Path]) -> list[CaseInput]:
+    """Expand CLI inputs into cases (see module docstring), in the given order.
+
+    A folder with NIfTI files directly inside gives one case per file (sorted by name);
+    any other folder is one DICOM case.
+
+    Raises
+    ------
+    InvalidImageError
+        An input does not exist.
+    """
+    from medinfer.errors import InvalidImageError
+
+    cases: list[CaseInput] = []
+    for p in inputs:
+        if not p.exists():
+            raise InvalidImageError(f"{p}: no such file or folder")
+        if p.is_dir():
+            niftis = sorted(
+                c for c in p.iterdir()
+                if c.is_file() and not c.name.startswith(".") and _is_nifti_name(c)
+            )
+            if niftis:
+                cases.extend(CaseInput(c, "nifti") for c in niftis)
+            else:
+                cases.append(CaseInput(p, "dicom"))
+        else:
+            cases.append(CaseInput(p, "nifti" if _is_nifti_name(p) else "dicom"))
+    return cases
+
+
+def case_name(case: CaseInput, volume: Volume, taken: set[str]) -> str:
+    """File-system-safe, unique case name (``taken`` is updated)."""
+    if case.kind == "nifti":
+        base = strip_nifti_suffix(case.path.name)
+    else:
+        desc = str(volume.meta.get("series_description") or "").strip()
+        base = desc or (case.path.name if case.path.is_dir() else case.path.stem)
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or "case"
+    name, n = base, 2
+    while name in taken:
+        name = f"{base}_{n}"
+        n += 1
+    taken.add(name)
+    return name
+
+
+def case_summary(case: CaseInput, name: str, volume: Volume, pred: Prediction,
+                 card: ModelCard, outputs: dict[str, str]) -> dict[str, Any]:
+    """The ``<case>_stats.json`` content (JSON-serialisable)."""
+    return {
+        "case": name,
+        "input": str(case.path),
+        "model": {"name": card.name, "version": card.version, "task": card.task.value},
+        "labels": [s.to_dict() for s in pred.statistics],
+        "timings_s": {k: round(v, 4) for k, v in pred.timings.items()},
+        "input_geometry": {
+            "shape": list(volume.spatial_shape),
+            "channels": volume.num_channels,
+            "spacing_mm": [float(s) for s in volume.spacing],
+            "orientation": volume.orientation,
+            "affine_ras": volume.affine.tolist(),
+            "series_instance_uid": volume.meta.get("series_instance_uid"),
+        },
+        "outputs": outputs,
+    }
+
+
+def write_case(out_dir: Path, name: str, case: CaseInput, volume: Volume,
+               pred: Prediction, card: ModelCard, *, overlay: bool) -> dict[str, Path]:
+    """Write all outputs of one case; all-or-nothing (temporary files renamed at the end).
+
+    Returns the written paths by kind (``seg``, ``prob``, ``stats``, ``overlay``).
+    """
+    import json
+
+    from medinfer import io
+    from medinfer._atomic import atomic_path
+
+    paths = {"seg": out_dir / f"{name}_seg.nii.gz", "stats": out_dir / f"{name}_stats.json"}
+    if pred.probabilities is not None:
+        paths["prob"] = out_dir / f"{name}_prob.nii.gz"
+    if overlay:
+        paths["overlay"] = out_dir / f"{name}_overlay.png"
+    save_overlay_png = _overlay_function() if overlay else None
+    with contextlib.ExitStack() as stack:
+        tmp = {k: stack.enter_context(atomic_path(p)) for k, p in paths.items()}
+        io.save(pred.label, tmp["seg"])
+        if pred.probabilities is not None:
+            io.save(pred.probabilities, tmp["prob"])
+        if save_overlay_png is not None:
+            save_overlay_png(volume, pred.label, tmp["overlay"], card.colors(),
+                             names={v: s.name for v, s in card.labels.items()}, title=name)
+        summary = case_summary(case, name, volume, pred, card,
+                               {k: p.name for k, p in paths.items()})
+        tmp["stats"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return paths
+
+
+def _overlay_function() -> Any:
+    from medinfer.errors import ConfigError
+
+    try:
+        from medinfer.reporting.overlay import save_overlay_png
+    except ImportError as exc:
+        raise ConfigError(f"--overlay: the overlay writer is not available ({exc})") from None
+    return save_overlay_png
+
+
+def _label_table(name: str, pred: Prediction) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"{name}: label volumes ({pred.model_name} {pred.model_version})")
+    table.add_column("label", justify="right")
+    table.add_column("name")
+    table.add_column("voxels", justify="right")
+    table.add_column("volume (mL)", justify="right")
+    for s in pred.statistics:
+        table.add_row(str(s.value), s.name, f"{s.voxels:,}", f"{s.volume_ml:.2f}")
+    return table
+
+
+def _timings_line(timings: dict[str, float]) -> str:
+    return "timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
+
+
+def run_predict(
+    inputs: list[Path],
+    *,
+    model: str | None,
+    output_dir: Path,
+    series: str | None = None,
+    device: str = "auto",
+    tta: bool | None = None,
+    overlap: float | None = None,
+    batch_size: int | None = None,
+    save_probabilities: bool = False,
+    overlay: bool = False,
+    config: Path | None = None,
+    verbose: bool = False,
+    console: Console | None = None,
+) -> list[dict[str, Path]]:
+    """The body of ``medinfer predict`` (usable from Python); returns written paths per case.
+
+    Raises
+    ------
+    MedinferError
+        Any bad input (image, model, option); no output file of the failing case exists.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from medinfer import io
+    from medinfer.inference.predictor import Predictor
+    from medinfer.models.card import Task
+    from medinfer.models.loaders import load_model, resolve_device, resolve_model
+
+    out = console or Console()
+    err = Console(stderr=True)
+    verbose = verbose or log.isEnabledFor(logging.INFO) or logging.getLogger().isEnabledFor(
+        logging.INFO)
+    resolve_device(device)  # fail early on a bad device
+    overrides = {
+        "series_uid": series, "tta": tta, "overlap": overlap, "batch_size": batch_size,
+        "save_probabilities": save_probabilities, "overlay": overlay, "verbose": verbose,
+    }
+    card: ModelCard | None = None
+    model_dir: Path | None = None
+    if model is not None or config is None:
+        card, model_dir = resolve_model(model or DEFAULT_MODEL)
+    if config is not None or (card is not None and card.task is Task.DETECTION):
+        _delegate_detection(inputs, model, config, output_dir, device, overrides)
+        return []
+    assert card is not None and model_dir is not None
+
+    cases = discover_cases(inputs)
+    net = load_model(card, model_dir, device)
+    predictor: Predictor = Predictor(card, net, device=device, tta=tta, overlap=overlap,
+                                     batch_size=batch_size,
+                                     save_probabilities=save_probabilities)
+    written: list[dict[str, Path]] = []
+    taken: set[str] = set()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[stage]}"),
+                  TimeElapsedColumn(), console=err, transient=True) as bar:
+        for i, case in enumerate(cases, 1):
+            task_id = bar.add_task(f"[{i}/{len(cases)}] {case.path.name}", total=1.0,
+                                   stage="load")
+            t0 = time.perf_counter()
+            volume = io.load(case.path, series_uid=series)
+            t_load = time.perf_counter() - t0
+            name = case_name(case, volume, taken)
+
+            def progress(stage: str, fraction: float, _tid: Any = task_id) -> None:
+                bar.update(_tid, completed=fraction, stage=stage)
+
+            pred = predictor.predict(volume, progress=progress)
+            t1 = time.perf_counter()
+            pred.timings = {"load": t_load, **pred.timings}
+            bar.update(task_id, stage="export")
+            paths = write_case(output_dir, name, case, volume, pred, card, overlay=overlay)
+            pred.timings["export"] = time.perf_counter() - t1
+            bar.update(task_id, completed=1.0, stage="done")
+            bar.remove_task(task_id)
+            written.append(paths)
+            out.print(_label_table(name, pred))
+            if verbose:
+                err.print(_timings_line(pred.timings))
+    out.print(f"Outputs for {len(written)} case(s) written to {output_dir.resolve()}")
+    for paths in written:
+        out.print("  " + ", ".join(p.name for p in paths.values()))
+    return written
+
+
+def _delegate_detection(inputs: list[Path], model: str | None, config: Path | None,
+                        output_dir: Path, device: str, overrides: dict[str, Any]) -> None:
+    from medinfer.errors import ConfigError
+
+    try:
+        from medinfer.postprocess.detection_cli import predict_detection
+    except ImportError as exc:
+        raise ConfigError(
+            f"detection models need the detection pipeline, which is not available ({exc})"
+        ) from None
+    predict_detection(inputs, model, config, output_dir, device, overrides)
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``predict`` to the root app (implemented in the inference work)."""
-    return None
+    """Add ``predict`` to the root app."""
+
+    @app.command("predict")
+    def predict(
+        inputs: list[Path] = typer.Argument(
+            ..., help="NIfTI files, folders of NIfTI files, DICOM files or DICOM folders."),
+        model: str | None = typer.Option(
+            None, "--model", "-m",
+            help=f"Model folder, its model.yaml, or a bundled name [default: {DEFAULT_MODEL}]."),
+        output_dir: Path = typer.Option(..., "--output", "-o", help="Output folder."),
+        series: str | None = typer.Option(
+            None, "--series", help="SeriesInstanceUID to use from a DICOM folder."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+        tta: bool | None = typer.Option(
+            None, "--tta/--no-tta", help="Mirroring test-time augmentation [default: card]."),
+        overlap: float | None = typer.Option(
+            None, "--overlap", help="Sliding-window overlap in [0, 1) [default: card]."),
+        batch_size: int | None = typer.Option(
+            None, "--batch-size", help="Windows per network call [default: card]."),
+        save_probabilities: bool = typer.Option(
+            False, "--save-probabilities", help="Also write <case>_prob.nii.gz."),
+        overlay: bool = typer.Option(False, "--overlay", help="Also write <case>_overlay.png."),
+        config: Path | None = typer.Option(
+            None, "--config", help="Detection pipeline config (YAML)."),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Print per-stage timings."),
+    ) -> None:
+        """Run a model on scans; write label maps, statistics and (optionally) more."""
+        run_predict(inputs, model=model, output_dir=output_dir, series=series, device=device,
+                    tta=tta, overlap=overlap, batch_size=batch_size,
+                    save_probabilities=save_probabilities, overlay=overlay, config=config,
+                    verbose=verbose)
