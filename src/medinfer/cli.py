@@ -34,6 +34,7 @@ _PLUGINS: list[str] = [
     "medinfer.data.cli",
     "medinfer.slices.cli",
     "medinfer.serve.cli",
+    "medinfer.postprocess.cli",
 ]
 
 

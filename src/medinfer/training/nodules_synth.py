@@ -191,7 +191,7 @@ class LesionAtlas:
             cand_vox, cand_depth = cand_vox[inside], cand_depth[inside]
         for _ in range(n):
             for _try in range(max_tries):
-                d = float(rng.uniform(*diameter_range))
+                d = float(rng.uniform(diameter_range[0], diameter_range[1]))
                 ratios = np.array([1.0, rng.uniform(*AXIS_RATIO_RANGE),
                                    rng.uniform(*AXIS_RATIO_RANGE)])
                 radii = ratios * (d / 2.0) / float(np.prod(ratios) ** (1.0 / 3.0))
