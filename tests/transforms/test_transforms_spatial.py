@@ -415,3 +415,38 @@ def test_to_source_grid_from_cropped_model_grid_uses_volume_affine() -> None:
     np.testing.assert_allclose(back_padded.array, back_direct.array, atol=1e-6)
     back_inv = to_source_grid(invert_crop_or_pad(padded, prec), rec)
     assert np.array_equal(back_inv.array, back_direct.array)
+
+
+def test_to_source_grid_memory_is_about_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tracemalloc
+
+    from medinfer.transforms import spatial
+
+    monkeypatch.setattr(spatial, "_SLAB_BYTES", 2**20)
+    a = FRAMES["oblique15_LPS_aniso"]
+    shape = (160, 128, 64)
+    src = Volume(np.zeros((1, *shape), dtype=np.uint8), a)
+    probe, rec = to_model_grid(src, "RAS", (1.3, 1.3, 1.3), interpolation="nearest")
+    model = probe.with_array(np.random.default_rng(0).random(probe.shape).astype(np.float32))
+    out_bytes = 4 * int(np.prod(shape))
+    tracemalloc.start()
+    try:
+        back = to_source_grid(model, rec)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert back.array.dtype == np.float32
+    assert out_bytes <= peak < out_bytes + 4 * 2**20  # no float64 or full-size temporaries
+
+
+def test_single_slice_volume() -> None:
+    a = FRAMES["LPS_aniso"]
+    img = np.random.default_rng(0).random((1, 30, 24, 1)).astype(np.float32)
+    v = Volume(img, a)
+    model, rec = to_model_grid(v, "RAS", (1.0, 1.0, 1.0))
+    assert model.spatial_shape[2] == 3  # floor(1 * 2.5 / 1.0 + 0.5)
+    # one source slice: the model slices are its copies (edge clamp along K)
+    assert np.array_equal(model.array[..., 0], model.array[..., 2])
+    back = to_source_grid(model, rec)
+    assert back.spatial_shape == (30, 24, 1)
+    assert np.array_equal(back.affine, v.affine)
