@@ -9,7 +9,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from medinfer.errors import ConfigError
-from medinfer.transforms import intensity, normalize_intensity
+from medinfer.transforms import intensity, normalize_intensity, validate_intensity_spec
 from medinfer.volume import Volume
 
 
@@ -119,6 +119,17 @@ def test_per_channel_and_none() -> None:
 def test_bad_spec_names_the_key(spec: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         normalize_intensity(_vol([1, 2, 3]), spec)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_intensity_spec(spec)
+
+
+def test_validate_fills_defaults() -> None:
+    assert validate_intensity_spec({"method": "PERCENTILE"}) == {
+        "method": "percentile", "lower": 0.5, "upper": 99.5, "nonzero": False,
+    }
+    assert validate_intensity_spec({"method": "ct_window", "min_hu": -100, "max_hu": 200}) == {
+        "method": "ct_window", "min_hu": -100.0, "max_hu": 200.0,
+    }
 
 
 def test_bad_method_lists_allowed_values() -> None:

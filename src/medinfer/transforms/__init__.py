@@ -6,7 +6,11 @@ crop/pad, and the model-grid round trip :func:`to_model_grid` /
 :func:`normalize_intensity` (CT window, percentile, z-score).
 """
 
-from medinfer.transforms.intensity import IntensityMethod, normalize_intensity
+from medinfer.transforms.intensity import (
+    IntensityMethod,
+    normalize_intensity,
+    validate_intensity_spec,
+)
 from medinfer.transforms.spatial import (
     CropPadRecord,
     Interpolation,
@@ -43,4 +47,5 @@ __all__ = [
     "to_model_grid",
     "to_source_grid",
     "uncrop",
+    "validate_intensity_spec",
 ]

@@ -27,7 +27,12 @@ import numpy as np
 from medinfer.errors import ConfigError, parse_enum
 from medinfer.volume import Volume
 
-__all__ = ["PERCENTILE_EXACT_MAX", "IntensityMethod", "normalize_intensity"]
+__all__ = [
+    "PERCENTILE_EXACT_MAX",
+    "IntensityMethod",
+    "normalize_intensity",
+    "validate_intensity_spec",
+]
 
 #: Sample count above which percentiles use a deterministic regular subsample.
 PERCENTILE_EXACT_MAX = 8_000_000
@@ -112,6 +117,27 @@ def _parse(spec: Mapping[str, Any]) -> tuple[IntensityMethod, dict[str, Any]]:
     elif method is IntensityMethod.ZSCORE:
         p["nonzero"] = _flag(spec, "nonzero", False)
     return method, p
+
+
+def validate_intensity_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Check an intensity spec without touching data; return it complete with defaults.
+
+    Use it where the spec is read (e.g. a model card) so a bad spec fails early with the
+    same message as :func:`normalize_intensity`.
+
+    Returns
+    -------
+    dict with ``"method"`` (string value) and every key of that method, defaults filled
+    (``percentile``: ``lower`` 0.5, ``upper`` 99.5, ``nonzero`` False; ``zscore``:
+    ``nonzero`` False).
+
+    Raises
+    ------
+    ConfigError
+        As :func:`normalize_intensity`; the message names the key (``intensity.<key>``).
+    """
+    method, p = _parse(spec)
+    return {"method": method.value, **p}
 
 
 def _sample(values: np.ndarray) -> np.ndarray:
