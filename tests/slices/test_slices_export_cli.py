@@ -32,6 +32,7 @@ def test_windows() -> None:
     w = parse_window("brain", data)
     assert (w.low, w.high) == (0.0, 80.0)
     np.testing.assert_array_equal(w.apply(data), [0, 0, 128, 255, 255])
+    np.testing.assert_array_equal(w.apply([np.nan, np.inf, -np.inf]), [0, 255, 0])
     w = parse_window("-600,1500", data)
     assert (w.low, w.high) == (-1350.0, 150.0)
     assert parse_window("minmax", data).low == -1000.0

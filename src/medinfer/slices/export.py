@@ -86,8 +86,9 @@ class IntensityWindow:
     high: float
 
     def apply(self, values: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
-        """Map an array of intensities to uint8 (same shape)."""
+        """Map an array of intensities to uint8 (same shape); NaN becomes 0."""
         v = (np.asarray(values, dtype=np.float64) - self.low) / (self.high - self.low)
+        v = np.nan_to_num(v, nan=0.0, posinf=1.0, neginf=0.0)
         return np.rint(np.clip(v, 0.0, 1.0) * 255.0).astype(np.uint8)
 
     def to_dict(self) -> dict[str, Any]:
