@@ -53,3 +53,19 @@ def test_load_rejects_paths_leaving_the_data_folder(tmp_path):
         DatasetMetadata.load(tmp_path)
     with pytest.raises(ConfigError, match="not found"):
         DatasetMetadata.load(tmp_path / "missing")
+
+
+def test_single_dicom_files_with_and_without_suffix(tmp_path):
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    for name in ("slice.dcm", "IM0001"):
+        dst = tmp_path / "raw" / "one" / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(get_testdata_file("CT_small.dcm"), dst)
+    meta = DatasetMetadata.from_directory(tmp_path)  # no mapping: DICOM Modality CT
+    assert [(e.image, e.kind, e.mode) for e in meta.images] == [
+        ("IM0001", "dicom_file", "ct"),
+        ("slice.dcm", "dicom_file", "ct"),
+    ]

@@ -1,12 +1,13 @@
 """prepare_for_inference: hand-computed windows, percentiles, token grid, views, unusable images."""
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 from dp_helpers import head_phantom, make_volume, rpi_affine
 
-from medinfer.data import PrepareConfig, prepare_for_inference, prepare_volume
+from medinfer.data import PrepareConfig, load_image, prepare_for_inference, prepare_volume
 from medinfer.errors import ConfigError
 from medinfer.volume import Volume
 
@@ -141,3 +142,38 @@ def test_unusable_images_give_none_with_a_logged_reason(caplog):
     four_d = Volume(np.zeros((3, 32, 32, 16), dtype=np.float32), rpi_affine((1, 1, 4)))
     assert prepare_for_inference(four_d, "mri") is None
     assert "3 channels" in caplog.text
+
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "shape", "channels"),
+    [
+        ("ct_head_1mm_air.nii.gz", "ct", (36, 160, 144), ["brain", "blood", "bone"]),
+        ("mni152_t1_1mm.nii.gz", "mri", (40, 192, 160), ["mri"]),
+    ],
+)
+def test_real_ct_and_mri(name, mode, shape, channels):
+    prepared = prepare_volume(load_image(DATA / name), mode)
+    assert prepared is not None and prepared.view == "axial" and prepared.shape == shape
+    assert list(prepared.channels) == channels
+    fg = np.kron(1 - prepared.background, np.ones((4, 16, 16), dtype=np.uint8)).astype(bool)
+    first = prepared.channels[channels[0]]
+    assert 0.0 <= first.min() and first.max() <= 1.0
+    # the head fills the crop: most tokens are foreground, and they hold the bright voxels
+    assert 0.3 < (prepared.background == 0).mean() < 0.8
+    assert first[fg].mean() > 3 * first[~fg].mean()
+    if mode == "ct":  # brain tissue 20-45 HU -> brain window 0.25-0.56
+        assert 0.25 < float(np.median(first[first > 0.1])) < 0.56
+
+
+def test_single_dicom_file_is_loaded_and_rejected_for_too_few_slices(caplog):
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("CT_small.dcm")  # one 128 x 128 CT slice shipped with pydicom
+    vol = load_image(path)
+    assert vol.spatial_shape == (128, 128, 1)
+    caplog.set_level(logging.WARNING, logger="medinfer.data.prepare")
+    assert prepare_for_inference(path, "ct") is None
+    assert "1 slices" in caplog.text
