@@ -73,6 +73,16 @@ def test_percentile_subsampled_on_large_volumes_is_close(monkeypatch: pytest.Mon
     assert np.array_equal(approx, again)  # deterministic
     assert not np.array_equal(approx, exact)  # the subsample path was taken
     np.testing.assert_allclose(approx, exact, atol=0.03)
+    # sparse foreground with nonzero=True: the step follows the non-zero count
+    sparse = np.where(rng.random(vals.shape) < 0.1, vals, 0.0).astype(np.float32)
+    sv = Volume(sparse, _affine())
+    nz_spec = {"method": "percentile", "lower": 1, "upper": 99, "nonzero": True}
+    monkeypatch.setattr(intensity, "PERCENTILE_EXACT_MAX", 10**9)
+    nz_exact = normalize_intensity(sv, nz_spec).array
+    monkeypatch.setattr(intensity, "PERCENTILE_EXACT_MAX", 2000)
+    nz_approx = normalize_intensity(sv, nz_spec).array
+    assert not np.array_equal(nz_approx, nz_exact)
+    np.testing.assert_allclose(nz_approx, nz_exact, atol=0.05)
 
 
 def test_zscore_hand_values_and_nonzero_mask() -> None:
