@@ -158,3 +158,24 @@ def test_collate_and_dataloader_with_study_sampler(cached):
     assert batch["filtered"].shape == (2, d // 4, h // 16, w // 16)
     with pytest.raises(ConfigError, match="mixes"):
         collate_images([vols[0], ds[0]])
+
+
+def test_items_do_not_depend_on_the_loader_worker(cached):
+    ds = ImageDataset(cached, random_crop=(2, 3, 3), augment=True, seed=11)
+
+    def run(workers):
+        sampler = StudyAwareBatchSampler(ds, batch_size=3, seed=4, num_replicas=1, rank=0)
+        sampler.set_epoch(2)
+        loader = DataLoader(
+            ds,
+            batch_sampler=sampler,
+            collate_fn=collate_images,
+            num_workers=workers,
+            multiprocessing_context="fork" if workers else None,
+        )
+        return [(b["study"], b["window"], b["img"]) for b in loader]
+
+    serial, parallel = run(0), run(2)
+    assert len(serial) == len(parallel)
+    for (s1, w1, i1), (s2, w2, i2) in zip(serial, parallel, strict=True):
+        assert s1 == s2 and w1 == w2 and torch.equal(i1, i2)
