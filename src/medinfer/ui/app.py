@@ -57,7 +57,7 @@ def _run_local(volume: Any, model: str, workdir: Path) -> dict[str, Any]:
     return {"card": eng.card_json, "summary": prediction.summary(), "label_path": label_path}
 
 
-def main() -> None:  # noqa: C901 - one linear page script
+def main() -> None:
     import streamlit as st
 
     from medinfer.errors import MedinferError
