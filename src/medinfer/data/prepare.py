@@ -82,6 +82,9 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 }
 #: channel name of MRI images
 MRI_CHANNEL = "mri"
+#: version of the preparation algorithm; part of :meth:`PrepareConfig.digest`, so a change
+#: of the algorithm (bump it) invalidates existing caches like a change of parameters
+PIPELINE_VERSION = 1
 
 
 class View(StrEnum):
@@ -162,8 +165,8 @@ class PrepareConfig:
         return d
 
     def digest(self) -> str:
-        """Short hash of the parameters (changes when any parameter changes)."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
+        """Short hash of the parameters and :data:`PIPELINE_VERSION`."""
+        text = json.dumps({"v": PIPELINE_VERSION, **self.to_dict()}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def channel_names(self, mode: Mode | str) -> tuple[str, ...]:
