@@ -1,0 +1,910 @@
+"""nnU-Net v2 trained model folders, run as they are, without nnunetv2 installed.
+
+A model folder ``<Trainer>__<Plans>__<configuration>`` holds ``dataset.json``,
+``plans.json`` and ``fold_<f>/checkpoint_final.pth`` (and/or ``checkpoint_best.pth``).
+:class:`NnUNetPredictor` reproduces what ``nnUNetv2_predict`` does with it:
+
+1. **Geometry in.** nnU-Net reads images with SimpleITK: the array is indexed
+   ``[k, j, i]`` (ITK order, the reverse of the NIfTI voxel axes) with the spacing
+   reversed accordingly; then ``transpose_forward`` of the plans is applied
+   (``DefaultPreprocessor.run_case_npy``). Here the same axis permutation is applied to
+   the medinfer array ``(C, I, J, K)`` directly: model axis ``m`` is source voxel axis
+   ``2 - transpose_forward[m]``.
+2. **Crop to non-zero** (``preprocessing/cropping/cropping.py``): bounding box of the
+   hole-filled mask of voxels non-zero in any channel; outside-mask voxels form the
+   "-1" region used by ``use_mask_for_norm``.
+3. **Normalisation** per channel (``default_normalization_schemes.py``):
+   ``CTNormalization`` (clip to the fingerprint's foreground 0.5/99.5 percentiles, then
+   ``(x - mean) / std`` of the foreground), ``ZScoreNormalization`` (inside the non-zero
+   mask only, outside set to 0, when ``use_mask_for_norm``), ``NoNormalization``,
+   ``RescaleTo01Normalization``, ``RGBTo01Normalization``.
+4. **Resampling** to the configuration's spacing (``default_resampling.py``,
+   ``resample_data_or_seg_to_shape``): new shape ``round(n * s / s')``; skimage
+   ``resize`` semantics (``scipy.ndimage.zoom``, ``grid_mode=True``, edge mode, output
+   clipped to the input range), order 3; with the separate-z rule (spacing ratio > 3)
+   order 3 in-plane slice by slice and order 0 along the low-resolution axis.
+5. **Sliding window** (``inference/sliding_window_prediction.py``,
+   ``predict_from_raw_data.py``): padding to at least the patch (centred, odd voxel
+   after), steps from ``compute_steps_for_sliding_window`` (step 0.5 of the patch),
+   Gaussian importance map (``compute_gaussian``: sigma = patch / 8, maximum scaled to 10,
+   float16), mirroring TTA over the checkpoint's ``inference_allowed_mirroring_axes``
+   (all combinations, averaged), logits accumulated in float16 (as nnU-Net) or float32,
+   folds averaged (mean of the logits, as ``predict_logits_from_preprocessed_data``).
+6. **Export** (``inference/export_prediction.py``): logits resampled back to the cropped
+   source shape with the probabilities' resampling (order 1, order 0 along z when
+   separate-z; ``align_corners=False`` geometry with scale ``n'/n``), then argmax (or
+   sigmoid > 0.5 per region, painted in ``regions_class_order``), uncropped, transposed
+   back. Steps 5 and 6 are streamed slab by slab (:mod:`medinfer.inference.streaming`):
+   the full-volume logits are never held.
+
+The returned label map has exactly the input's shape and affine (RAS+), which is also
+where ``nnUNetv2_predict`` puts its output through SimpleITK.
+
+Not done: the cascade (``3d_lowres`` -> ``3d_cascade_fullres``, needs the low-resolution
+segmentation as extra input channels); 2-D configurations. Both raise :class:`ModelError`.
+
+Networks are built from the plans' ``architecture`` entry with
+``dynamic_network_architectures`` (the package nnU-Net itself uses; extra ``nnunet``).
+Only classes under ``dynamic_network_architectures.`` and ``torch.nn.`` may be named
+(plans are untrusted). Checkpoints are read with ``torch.load(weights_only=True)``, the
+numpy scalar types that nnU-Net stores being allow-listed with
+:func:`torch.serialization.safe_globals`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from medinfer.errors import ConfigError, InvalidImageError, ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+    from medinfer.prediction import Prediction
+    from medinfer.volume import Volume
+
+__all__ = [
+    "NnUNetFolder",
+    "NnUNetPredictor",
+    "compute_gaussian",
+    "compute_steps",
+    "is_nnunet_folder",
+    "load_checkpoint",
+    "read_nnunet_folder",
+]
+
+EXTRA_HINT = "install the extra: pip install 'medinfer[nnunet]'"
+#: nnU-Net's anisotropy threshold (``nnunetv2.configuration.ANISO_THRESHOLD``)
+ANISO_THRESHOLD = 3.0
+MAX_JSON_BYTES = 20_000_000
+MAX_CHECKPOINT_BYTES = 8 * 1024**3
+_CKPT = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
+_FOLD_RE = re.compile(r"^fold_(\d+|all)$")
+_ALLOWED_IMPORT_PREFIXES = ("dynamic_network_architectures.", "torch.nn.")
+
+
+# ====================================================================== folder reading
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelError(f"{path.parent}: nnU-Net model folder has no {path.name}")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ModelError(f"{path}: larger than {MAX_JSON_BYTES} bytes")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def _fold_dirs(path: Path) -> dict[str, Path]:
+    out = {}
+    for d in path.iterdir() if path.is_dir() else ():
+        m = _FOLD_RE.match(d.name)
+        if m and d.is_dir():
+            out[m.group(1)] = d
+    return out
+
+
+def is_nnunet_folder(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` looks like an nnU-Net v2 model folder.
+
+    That is: a folder with ``dataset.json``, ``plans.json`` and at least one
+    ``fold_*/checkpoint_*.pth``.
+    """
+    p = Path(path)
+    if not (p.is_dir() and (p / "dataset.json").is_file() and (p / "plans.json").is_file()):
+        return False
+    return any(any(d.glob("checkpoint_*.pth")) for d in _fold_dirs(p).values())
+
+
+@dataclass
+class NnUNetFolder:
+    """A parsed nnU-Net v2 model folder.
+
+    Attributes
+    ----------
+    path : the folder.
+    dataset : ``dataset.json`` content.
+    plans : ``plans.json`` content.
+    configuration_name : e.g. ``3d_fullres`` (from the folder name, else the checkpoint).
+    configuration : the configuration dict with ``inherits_from`` resolved.
+    checkpoints : the checkpoint files of the chosen folds, in fold order.
+    folds : the chosen fold names (``"0"``..., or ``"all"``).
+    """
+
+    path: Path
+    dataset: dict[str, Any]
+    plans: dict[str, Any]
+    configuration_name: str
+    configuration: dict[str, Any]
+    checkpoints: list[Path]
+    folds: list[str]
+    labels: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ labels
+    @property
+    def regions_class_order(self) -> list[int] | None:
+        """``regions_class_order`` of dataset.json when the labels are regions, else None."""
+        if any(isinstance(v, (list, tuple)) and len(v) > 1 for k, v in self.labels.items()
+               if k != "background"):
+            rco = self.dataset.get("regions_class_order")
+            if not isinstance(rco, list):
+                raise ModelError(f"{self.path}/dataset.json: region labels need "
+                                 "'regions_class_order'")
+            return [int(v) for v in rco]
+        return None
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        """Label value -> name of the output label map (background 0 included)."""
+        rco = self.regions_class_order
+        if rco is not None:
+            names = [k for k in self.labels if k not in ("background", "ignore")]
+            return {0: "background", **{int(v): n for v, n in zip(rco, names, strict=False)}}
+        out = {}
+        for name, v in self.labels.items():
+            if name == "ignore":
+                continue
+            val = v[0] if isinstance(v, (list, tuple)) else v
+            out[int(val)] = str(name)
+        return dict(sorted(out.items()))
+
+    @property
+    def num_heads(self) -> int:
+        """Number of network output channels (``num_segmentation_heads``)."""
+        if self.regions_class_order is not None:
+            return len([k for k in self.labels if k not in ("background", "ignore")])
+        return len(self.label_names)
+
+    @property
+    def num_input_channels(self) -> int:
+        """Input channels (``channel_names`` or legacy ``modality`` of dataset.json)."""
+        names = self.dataset.get("channel_names", self.dataset.get("modality"))
+        if not isinstance(names, dict) or not names:
+            raise ModelError(f"{self.path}/dataset.json: 'channel_names' missing or empty")
+        return len(names)
+
+
+def _resolve_configuration(plans: dict[str, Any], name: str, source: Path) -> dict[str, Any]:
+    configs = plans.get("configurations")
+    if not isinstance(configs, dict) or name not in configs:
+        known = sorted(configs) if isinstance(configs, dict) else []
+        raise ModelError(f"{source}: configuration {name!r} not in plans.json ({known})")
+    chain = []
+    cur: str | None = name
+    while cur is not None:
+        if cur in chain:
+            raise ModelError(f"{source}: circular 'inherits_from' in plans.json at {cur!r}")
+        chain.append(cur)
+        c = configs.get(cur)
+        if not isinstance(c, dict):
+            raise ModelError(f"{source}: configuration {cur!r} missing in plans.json")
+        cur = c.get("inherits_from")
+    out: dict[str, Any] = {}
+    for n in reversed(chain):
+        out.update(configs[n])
+    return out
+
+
+def read_nnunet_folder(
+    path: str | os.PathLike[str],
+    folds: Sequence[int | str] | None = None,
+    checkpoint: str = "final",
+) -> NnUNetFolder:
+    """Read ``dataset.json``, ``plans.json`` and locate the checkpoints.
+
+    Parameters
+    ----------
+    path : the ``<Trainer>__<Plans>__<configuration>`` folder.
+    folds : fold numbers (or ``"all"``) to use; default every fold with the checkpoint.
+    checkpoint : ``final`` (``checkpoint_final.pth``) or ``best`` (``checkpoint_best.pth``).
+
+    Raises
+    ------
+    ModelError
+        Missing / invalid files, unknown configuration, no checkpoint, a requested fold
+        missing, cascade or 2-D configurations (not supported).
+    ConfigError
+        ``checkpoint`` not ``final`` or ``best``.
+    """
+    p = Path(path)
+    if checkpoint not in _CKPT:
+        raise ConfigError(f"checkpoint: {checkpoint!r} is not allowed; choose 'final' or 'best'")
+    dataset = _read_json(p / "dataset.json")
+    plans = _read_json(p / "plans.json")
+    available = _fold_dirs(p)
+    if folds is None:
+        chosen = sorted((f for f, d in available.items() if (d / _CKPT[checkpoint]).is_file()),
+                        key=lambda f: (f == "all", int(f) if f.isdigit() else 0))
+        if not chosen:
+            raise ModelError(f"{p}: no fold_*/{_CKPT[checkpoint]} found")
+    else:
+        chosen = [str(f) for f in folds]
+    ckpts = []
+    for f in chosen:
+        c = p / f"fold_{f}" / _CKPT[checkpoint]
+        if not c.is_file():
+            have = ", ".join(sorted(available)) or "none"
+            raise ModelError(f"{p}: fold {f!r} has no {_CKPT[checkpoint]} (folds present: {have})")
+        ckpts.append(c)
+    parts = p.name.split("__")
+    cfg_name = parts[2] if len(parts) == 3 else ""
+    if not cfg_name:
+        ck = load_checkpoint(ckpts[0])
+        cfg_name = str(ck.get("init_args", {}).get("configuration", ""))
+    config = _resolve_configuration(plans, cfg_name, p)
+    if config.get("previous_stage") or "cascade" in cfg_name:
+        raise ModelError(f"{p}: cascade configuration {cfg_name!r} is not supported yet "
+                         "(run the 3d_fullres or 3d_lowres model instead)")
+    if len(config.get("patch_size", [])) != 3:
+        raise ModelError(f"{p}: configuration {cfg_name!r} is not 3-D (patch_size "
+                         f"{config.get('patch_size')}); 2-D nnU-Net models are not supported")
+    labels = dataset.get("labels")
+    if not isinstance(labels, dict) or "background" not in labels:
+        raise ModelError(f"{p}/dataset.json: 'labels' must map names to values, with background")
+    return NnUNetFolder(p, dataset, plans, cfg_name, config, ckpts, chosen, dict(labels))
+
+
+# ======================================================================== checkpoints
+def _numpy_safe_globals() -> list[Any]:
+    """numpy types found in nnU-Net checkpoints (scalars in logs, init args, EMA)."""
+    import numpy.dtypes as ndt
+
+    items: list[Any] = [np.dtype, np.ndarray, np.float64, np.float32, np.int64, np.int32,
+                        np.bool_]
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[no-redef]
+    items += [scalar, _reconstruct]
+    for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType",
+                 "Float16DType", "UInt8DType", "Int8DType", "Int16DType", "UInt16DType"):
+        if hasattr(ndt, name):
+            items.append(getattr(ndt, name))
+    return items
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read an nnU-Net checkpoint with ``torch.load(weights_only=True)``.
+
+    Only tensors, plain containers and the allow-listed numpy scalar/dtype types are
+    unpickled (never ``weights_only=False``).
+
+    Returns
+    -------
+    dict with at least ``network_weights`` (state dict of tensors).
+
+    Raises
+    ------
+    ModelError
+        Missing / too large / non-checkpoint file, or no ``network_weights``.
+    """
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"{p}: checkpoint not found")
+    size = p.stat().st_size
+    if size == 0 or size > MAX_CHECKPOINT_BYTES:
+        raise ModelError(f"{p}: checkpoint size {size} bytes; expected 1..{MAX_CHECKPOINT_BYTES}")
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:  # the restricted unpickler raises many types on junk input
+        if isinstance(exc, MemoryError):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ModelError(f"{p}: not a loadable nnU-Net checkpoint ({first})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("network_weights"), dict):
+        raise ModelError(f"{p}: checkpoint has no 'network_weights' state dict")
+    return obj
+
+
+def _locate(name: Any, what: str) -> Any:
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name.startswith(_ALLOWED_IMPORT_PREFIXES):
+        raise ModelError(
+            f"plans.json: {what} {name!r} is not allowed; only classes under "
+            f"{', '.join(_ALLOWED_IMPORT_PREFIXES)} may be named"
+        )
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except ImportError as exc:
+        if name.startswith("dynamic_network_architectures"):
+            raise ModelError(
+                f"nnU-Net networks need the package dynamic_network_architectures; {EXTRA_HINT}"
+            ) from None
+        raise ModelError(f"plans.json: cannot import {what} {name!r} ({exc})") from None
+    except AttributeError:
+        raise ModelError(f"plans.json: {what} {name!r} does not exist") from None
+
+
+def build_network(config: dict[str, Any], in_channels: int, num_heads: int) -> torch.nn.Module:
+    """Build the network of a configuration (``architecture`` entry of plans.json).
+
+    Mirrors ``nnunetv2.utilities.get_network_from_plans.get_network_from_plans`` with
+    ``deep_supervision=False``.
+
+    Raises
+    ------
+    ModelError
+        Missing architecture, a class outside the allowed packages, invalid kwargs, or
+        dynamic_network_architectures not installed (the message names the extra).
+    """
+    arch = config.get("architecture")
+    if not isinstance(arch, dict) or "network_class_name" not in arch:
+        raise ModelError("plans.json: configuration has no 'architecture.network_class_name' "
+                         "(plans from nnU-Net < 2.4 are not supported)")
+    kwargs = dict(arch.get("arch_kwargs", {}))
+    for key in arch.get("_kw_requires_import", ()):
+        kwargs[key] = _locate(kwargs.get(key), f"arch_kwargs.{key}")
+    cls = _locate(arch["network_class_name"], "network_class_name")
+    if "deep_supervision" not in kwargs:
+        kwargs["deep_supervision"] = False
+    try:
+        net = cls(input_channels=in_channels, num_classes=num_heads, **kwargs)
+    except (TypeError, ValueError, AssertionError, IndexError, KeyError) as exc:
+        raise ModelError(f"plans.json: cannot build {arch['network_class_name']} ({exc})") from None
+    return net
+
+
+class NnUNetEnsemble:
+    """The networks of the chosen folds behind the :class:`medinfer.models.Model` protocol.
+
+    ``model(x (N, C, *patch)) -> (N, K, *patch)`` float32 logits, the mean over folds
+    (nnU-Net averages the folds' logits).
+    """
+
+    def __init__(self, networks: list[torch.nn.Module], device: torch.device) -> None:
+        self.networks = [n.to(device).eval() for n in networks]
+        self.device = device
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor | None = None
+        for net in self.networks:
+            y = net(x)
+            if isinstance(y, (list, tuple)):
+                y = y[0]
+            out = y.float() if out is None else out.add_(y.float())
+        assert out is not None
+        if len(self.networks) > 1:
+            out.div_(len(self.networks))
+        return out
+
+
+def load_nnunet_networks(folder: NnUNetFolder, device: torch.device
+                         ) -> tuple[NnUNetEnsemble, tuple[int, ...]]:
+    """Build one network per fold and load its weights; also the TTA axes.
+
+    Returns
+    -------
+    (ensemble, mirror_axes)
+        ``mirror_axes``: the first checkpoint's ``inference_allowed_mirroring_axes``
+        (model-grid axes), ``()`` if absent.
+
+    Raises
+    ------
+    ModelError
+        Weights that do not fit the architecture (names the checkpoint).
+    """
+    nets = []
+    axes: tuple[int, ...] = ()
+    for i, ck_path in enumerate(folder.checkpoints):
+        ck = load_checkpoint(ck_path)
+        if i == 0:
+            ax = ck.get("inference_allowed_mirroring_axes")
+            axes = tuple(int(a) for a in ax) if ax is not None else ()
+        net = build_network(folder.configuration, folder.num_input_channels, folder.num_heads)
+        try:
+            net.load_state_dict(ck["network_weights"], strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0][:300]
+            raise ModelError(f"{ck_path}: weights do not match the plans' network ({first})"
+                             ) from None
+        nets.append(net)
+    return NnUNetEnsemble(nets, device), axes
+
+
+# ================================================================ nnU-Net's building blocks
+def compute_steps(image_size: Sequence[int], patch: Sequence[int], step_size: float = 0.5
+                  ) -> list[list[int]]:
+    """Window starts per axis (``compute_steps_for_sliding_window`` of nnU-Net).
+
+    ``num = ceil((size - patch) / (patch * step)) + 1`` windows, spread evenly:
+    ``round(i * (size - patch) / (num - 1))``. ``image_size >= patch`` required.
+    """
+    if not 0 < step_size <= 1:
+        raise ConfigError(f"step_size: expected 0 < step_size <= 1, got {step_size}")
+    steps = []
+    for size, p in zip(image_size, patch, strict=True):
+        target = p * step_size
+        num = int(np.ceil((size - p) / target)) + 1
+        max_step = size - p
+        actual = max_step / (num - 1) if num > 1 else 99999999999
+        steps.append([int(np.round(actual * i)) for i in range(num)])
+    return steps
+
+
+def compute_gaussian(patch: Sequence[int], sigma_scale: float = 1.0 / 8,
+                     value_scaling_factor: float = 10.0) -> torch.Tensor:
+    """nnU-Net's importance map (``compute_gaussian``), float16, shape ``patch``.
+
+    A unit impulse at ``patch // 2`` filtered with :func:`scipy.ndimage.gaussian_filter`
+    (sigma ``patch * sigma_scale``, constant mode), scaled to a maximum of
+    ``value_scaling_factor``, cast to float16, zeros replaced by the smallest non-zero.
+    """
+    import torch
+    from scipy.ndimage import gaussian_filter
+
+    tmp = np.zeros(tuple(patch))
+    tmp[tuple(p // 2 for p in patch)] = 1
+    g = gaussian_filter(tmp, [p * sigma_scale for p in patch], 0, mode="constant", cval=0)
+    t = torch.from_numpy(g)
+    t /= torch.max(t) / value_scaling_factor
+    t = t.to(torch.float16)
+    mask = t == 0
+    t[mask] = torch.min(t[~mask])
+    return t
+
+
+def _do_separate_z(spacing: Sequence[float]) -> bool:
+    return bool(np.max(spacing) / np.min(spacing) > ANISO_THRESHOLD)
+
+
+def _lowres_axis(spacing: Sequence[float]) -> np.ndarray:
+    s = np.asarray(spacing, dtype=np.float64)
+    return np.where(max(s) / s == 1)[0]
+
+
+def separate_z(force: bool | None, current: Sequence[float], new: Sequence[float]
+               ) -> tuple[bool, int | None]:
+    """``determine_do_sep_z_and_axis`` of nnU-Net: (resample z separately?, which axis)."""
+    axis: np.ndarray | None
+    if force is not None:
+        do = bool(force)
+        axis = _lowres_axis(current) if force else None
+    elif _do_separate_z(current):
+        do, axis = True, _lowres_axis(current)
+    elif _do_separate_z(new):
+        do, axis = True, _lowres_axis(new)
+    else:
+        do, axis = False, None
+    if axis is not None:
+        if len(axis) != 1:
+            return False, None
+        return do, int(axis[0])
+    return do, None
+
+
+def _resize(img: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
+    """skimage ``resize(img, shape, order, mode='edge', anti_aliasing=False)`` (float64)."""
+    from scipy import ndimage as ndi
+
+    factors = np.divide(img.shape, shape)
+    zoom = [1 / f for f in factors]
+    out = ndi.zoom(img, zoom, order=order, mode="nearest", cval=0, grid_mode=True)
+    if order > 0:
+        np.clip(out, img.min(), img.max(), out=out)
+    return out
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """Source index per output index of nnU-Net's order-0 resampling along one axis.
+
+    Taken from :func:`scipy.ndimage.map_coordinates` itself (order 0, mode ``nearest``,
+    coordinates ``(i + 0.5) * n_in / n_out - 0.5``) so that ties round as in nnU-Net.
+    """
+    from scipy.ndimage import map_coordinates
+
+    scale = float(n_in) / n_out
+    coords = scale * (np.arange(n_out) + 0.5) - 0.5
+    idx = map_coordinates(np.arange(n_in, dtype=np.float64), coords[None], order=0,
+                          mode="nearest")
+    return np.rint(idx).astype(np.intp)
+
+
+def resample_to_shape(data: np.ndarray, new_shape: Sequence[int],
+                      current_spacing: Sequence[float], new_spacing: Sequence[float],
+                      *, order: int = 3, order_z: int = 0, force_separate_z: bool | None = None
+                      ) -> np.ndarray:
+    """nnU-Net's ``resample_data_or_seg_to_shape`` for images (``is_seg=False``).
+
+    Parameters
+    ----------
+    data : ``(C, *spatial)`` array in nnU-Net (model) axis order; output keeps its dtype.
+    new_shape : target spatial shape.
+    current_spacing, new_spacing : mm, same axis order.
+    order : spline order (in-plane order when resampling z separately).
+    order_z : order along the low-resolution axis with separate-z (0 or 1).
+    force_separate_z : None = decide from the spacings (ratio > 3).
+
+    Notes
+    -----
+    Per channel in float64: ``scipy.ndimage.zoom`` with ``grid_mode=True`` and edge mode,
+    clipped to the input range (skimage ``resize``); with separate-z each slice along
+    the low-resolution axis is resized in 2-D, then that axis is resampled with
+    ``map_coordinates`` of order ``order_z`` (order 0 done as an exact gather).
+    """
+    from scipy.ndimage import map_coordinates
+
+    shape = np.array(data.shape[1:])
+    new = np.array([int(v) for v in new_shape])
+    if np.all(shape == new):
+        return data
+    do_sep, axis = separate_z(force_separate_z, current_spacing, new_spacing)
+    out = np.zeros((data.shape[0], *new), dtype=data.dtype)
+    for c in range(data.shape[0]):
+        d = data[c].astype(np.float64, copy=False)
+        if not do_sep or axis is None:
+            out[c] = _resize(d, [int(v) for v in new], order)
+            continue
+        tmp = new.copy()
+        tmp[axis] = shape[axis]
+        inplane = [int(v) for i, v in enumerate(new) if i != axis]
+        here = np.zeros(tmp)
+        for s in range(shape[axis]):
+            idx: list[Any] = [slice(None)] * 3
+            idx[axis] = s
+            here[tuple(idx)] = _resize(d[tuple(idx)], inplane, order)
+        if shape[axis] == new[axis]:
+            out[c] = here
+        elif order_z == 0:
+            out[c] = np.take(here, _nearest_index(int(shape[axis]), int(new[axis])), axis=axis)
+        else:
+            scale = np.array(here.shape, dtype=np.float64) / new
+            grids = np.mgrid[:new[0], :new[1], :new[2]].astype(np.float64)
+            for a in range(3):
+                grids[a] = scale[a] * (grids[a] + 0.5) - 0.5
+            out[c] = map_coordinates(here, grids, order=order_z, mode="nearest")
+    return out
+
+
+def _normalise(data: np.ndarray, mask: np.ndarray, folder: NnUNetFolder) -> None:
+    """nnU-Net's per-channel normalisation, in place on float32 ``data`` (C, ...)."""
+    cfg = folder.configuration
+    schemes = cfg.get("normalization_schemes", [])
+    use_mask = cfg.get("use_mask_for_norm", [False] * len(schemes))
+    props_all = folder.plans.get("foreground_intensity_properties_per_channel", {})
+    if len(schemes) != data.shape[0]:
+        raise ModelError(f"{folder.path}/plans.json: {len(schemes)} normalization scheme(s) "
+                         f"for {data.shape[0]} input channel(s)")
+    for c, scheme in enumerate(schemes):
+        image = data[c]
+        if scheme == "CTNormalization":
+            p = props_all.get(str(c))
+            if not isinstance(p, dict):
+                raise ModelError(f"{folder.path}/plans.json: CTNormalization of channel {c} "
+                                 "needs foreground_intensity_properties_per_channel")
+            np.clip(image, p["percentile_00_5"], p["percentile_99_5"], out=image)
+            image -= p["mean"]
+            image /= max(p["std"], 1e-8)
+        elif scheme == "ZScoreNormalization":
+            if use_mask[c]:
+                mean = image[mask].mean()
+                std = image[mask].std()
+                image[mask] = (image[mask] - mean) / (max(std, 1e-8))
+            else:
+                mean = image.mean()
+                std = image.std()
+                image -= mean
+                image /= max(std, 1e-8)
+        elif scheme == "NoNormalization":
+            pass
+        elif scheme == "RescaleTo01Normalization":
+            image -= image.min()
+            image /= np.clip(image.max(), a_min=1e-8, a_max=None)
+        elif scheme == "RGBTo01Normalization":
+            if image.min() < 0 or image.max() > 255:
+                raise InvalidImageError(f"channel {c}: RGB input must lie in 0..255")
+            image /= 255.0
+        else:
+            raise ModelError(
+                f"{folder.path}/plans.json: normalization scheme {scheme!r} of channel {c} is "
+                "not supported (CTNormalization, ZScoreNormalization, NoNormalization, "
+                "RescaleTo01Normalization, RGBTo01Normalization)"
+            )
+
+
+@dataclass(frozen=True)
+class NnUNetGrid:
+    """Geometry bookkeeping of one case (model axis order).
+
+    ``perm[m]``: source voxel axis of model axis ``m``; ``bbox``: crop per model axis
+    ``(lo, hi)`` in source voxels; ``crop_shape``; ``model_shape`` after resampling;
+    ``spacing``: source spacing in model order; ``target_spacing``.
+    """
+
+    perm: tuple[int, int, int]
+    bbox: tuple[tuple[int, int], ...]
+    crop_shape: tuple[int, int, int]
+    model_shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    target_spacing: tuple[float, float, float]
+
+
+def preprocess(volume: Volume, folder: NnUNetFolder) -> tuple[np.ndarray, NnUNetGrid]:
+    """Bring a scan into the model's grid exactly as nnU-Net's ``DefaultPreprocessor``.
+
+    Parameters
+    ----------
+    volume : ``(C, I, J, K)``, any dtype, affine voxel -> RAS+ mm (only the spacing, the
+        column norms, matters; orientation is kept, as in nnU-Net).
+    folder : the model folder.
+
+    Returns
+    -------
+    (data, grid)
+        ``data`` float32 ``(C, *grid.model_shape)``; ``grid`` for the export.
+
+    Raises
+    ------
+    InvalidImageError
+        Wrong number of channels.
+    """
+    from scipy.ndimage import binary_fill_holes
+
+    cfg = folder.configuration
+    if volume.num_channels != folder.num_input_channels:
+        raise InvalidImageError(
+            f"{volume.meta.get('source', 'input')}: scan has {volume.num_channels} channel(s); "
+            f"nnU-Net model {folder.path.name!r} expects {folder.num_input_channels}"
+        )
+    tf = [int(t) for t in folder.plans.get("transpose_forward", [0, 1, 2])]
+    perm = (2 - tf[0], 2 - tf[1], 2 - tf[2])
+    data = volume.array.astype(np.float32).transpose(0, *(p + 1 for p in perm))
+    spacing = tuple(float(volume.spacing[p]) for p in perm)
+    nonzero = np.any(data != 0, axis=0)
+    nonzero = binary_fill_holes(nonzero)
+    if nonzero.any():
+        bbox = []
+        for a in range(3):
+            other = tuple(b for b in range(3) if b != a)
+            nz = np.flatnonzero(nonzero.any(axis=other))
+            bbox.append((int(nz[0]), int(nz[-1]) + 1))
+    else:
+        bbox = [(0, s) for s in nonzero.shape]
+    sl = tuple(slice(lo, hi) for lo, hi in bbox)
+    data = np.ascontiguousarray(data[(slice(None), *sl)])
+    mask = nonzero[sl]
+    crop_shape = data.shape[1:]
+    target = [float(v) for v in cfg["spacing"]]
+    new_shape = [int(round(s / t * n)) for s, t, n in zip(spacing, target, crop_shape,
+                                                        strict=True)]
+    _normalise(data, mask, folder)
+    kw = dict(cfg.get("resampling_fn_data_kwargs", {}))
+    if cfg.get("resampling_fn_data", "resample_data_or_seg_to_shape") != \
+            "resample_data_or_seg_to_shape":
+        raise ModelError(f"{folder.path}/plans.json: resampling_fn_data "
+                         f"{cfg.get('resampling_fn_data')!r} is not supported")
+    data = resample_to_shape(data, new_shape, spacing, target, order=int(kw.get("order", 3)),
+                             order_z=int(kw.get("order_z", 0)),
+                             force_separate_z=kw.get("force_separate_z"))
+    grid = NnUNetGrid(perm, tuple(bbox), (crop_shape[0], crop_shape[1], crop_shape[2]),
+                      (new_shape[0], new_shape[1], new_shape[2]),
+                      (spacing[0], spacing[1], spacing[2]), (target[0], target[1], target[2]))
+    return np.ascontiguousarray(data, dtype=np.float32), grid
+
+
+def export_plans(grid: NnUNetGrid, folder: NnUNetFolder) -> list[Any]:
+    """1-D plans model grid -> cropped source grid, per model axis (nnU-Net's export).
+
+    ``resample_data_or_seg_to_shape`` with the probabilities' kwargs (order 1, order_z 0):
+    linear at ``x' = (x + 0.5) * n' / n - 0.5`` (align_corners=False, edge clamp), and
+    along the low-resolution axis with separate-z an order-0 gather.
+    """
+    from medinfer.transforms import spatial as sp
+
+    cfg = folder.configuration
+    kw = dict(cfg.get("resampling_fn_probabilities_kwargs", {}))
+    order = int(kw.get("order", 1))
+    order_z = int(kw.get("order_z", 0))
+    if order not in (0, 1) or order_z not in (0, 1):
+        raise ModelError(f"{folder.path}/plans.json: probability resampling of order {order} / "
+                         f"order_z {order_z} is not supported (0 or 1)")
+    n_out, n_in = grid.crop_shape, grid.model_shape
+    do_sep, axis = separate_z(kw.get("force_separate_z"), grid.target_spacing, grid.spacing)
+    plans = []
+    for a in range(3):
+        if n_out[a] == n_in[a]:
+            plans.append(sp._AxisPlan.identity(n_in[a]))
+            continue
+        o = order_z if do_sep and axis == a else order
+        if o == 0:
+            plans.append(sp._AxisPlan(n_in[a], _nearest_index(n_in[a], n_out[a])))
+        else:
+            coords = (np.arange(n_out[a], dtype=np.float64) + 0.5) * (n_in[a] / n_out[a]) - 0.5
+            plans.append(sp._AxisPlan.from_coords(coords, n_in[a], sp.Interpolation.LINEAR))
+    return plans
+
+
+# ========================================================================== predictor
+class NnUNetPredictor:
+    """Run an nnU-Net v2 model folder on scans (:class:`~medinfer.volume.Volume` in,
+    :class:`~medinfer.prediction.Prediction` out, on the exact source grid).
+
+    Parameters
+    ----------
+    model_dir : the ``<Trainer>__<Plans>__<configuration>`` folder.
+    folds : folds to ensemble (default: all with the checkpoint).
+    checkpoint : ``final`` or ``best``.
+    device : ``auto``, ``cpu`` or ``cuda``.
+    tta : mirroring over the checkpoint's allowed axes (nnU-Net default: on).
+    step_size : window step as a fraction of the patch (nnU-Net default 0.5).
+    accumulate : ``float16`` (nnU-Net's precision, default) or ``float32``.
+    save_probabilities : also return the softmax (sigmoid for regions) probabilities
+        ``(K, I, J, K)`` float32 on the source grid.
+    batch_size : windows per network call.
+
+    Raises
+    ------
+    ModelError, ConfigError
+        See :func:`read_nnunet_folder`, :func:`load_nnunet_networks`.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        *,
+        folds: Sequence[int | str] | None = None,
+        checkpoint: str = "final",
+        device: str = "auto",
+        tta: bool = True,
+        step_size: float = 0.5,
+        accumulate: str = "float16",
+        save_probabilities: bool = False,
+        batch_size: int = 1,
+    ) -> None:
+        from medinfer.models.loaders import resolve_device
+
+        self.folder = read_nnunet_folder(model_dir, folds, checkpoint)
+        self.device = resolve_device(device)
+        self.model, self.mirror_axes = load_nnunet_networks(self.folder, self.device)
+        self.tta = bool(tta)
+        if not 0 < step_size <= 1:
+            raise ConfigError(f"step_size: expected 0 < step_size <= 1, got {step_size}")
+        self.step_size = float(step_size)
+        if accumulate not in ("float16", "float32"):
+            raise ConfigError(f"accumulate: {accumulate!r} is not allowed; choose 'float16' "
+                              "or 'float32'")
+        self.accumulate = accumulate
+        self.save_probabilities = save_probabilities
+        if batch_size < 1:
+            raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.name = self.folder.path.name
+        self.version = str(self.folder.dataset.get("name", ""))
+
+    def predict(self, volume: Volume, progress: Callable[[str, float], None] | None = None
+                ) -> Prediction:
+        """Segment ``volume``; the label map has exactly its shape and affine.
+
+        Parameters
+        ----------
+        volume : ``(C, I, J, K)`` with C = the model's input channels, affine voxel ->
+            RAS+ mm.
+        progress : optional ``progress(stage, fraction)``, stages ``preprocess`` then
+            ``inference`` (inference and export are streamed together).
+
+        Returns
+        -------
+        Prediction
+            ``label`` uint8 (uint16 above 255 labels) ``(1, I, J, K)``, ``statistics``,
+            ``timings``; ``probabilities`` when requested.
+        """
+        import torch
+
+        from medinfer.inference.sliding_window import _pad_spec, tta_flips
+        from medinfer.inference.streaming import SlabExporter, make_tta_runner, stream_logits
+        from medinfer.prediction import LabelStatistics, Prediction
+        from medinfer.volume import Volume
+
+        def report(stage: str, frac: float) -> None:
+            if progress is not None:
+                lo, hi = {"preprocess": (0.0, 0.15), "inference": (0.15, 1.0)}[stage]
+                progress(stage, lo + (hi - lo) * min(max(frac, 0.0), 1.0))
+
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        data, grid = preprocess(volume, self.folder)
+        timings["preprocess"] = time.perf_counter() - t0
+        report("preprocess", 1.0)
+
+        t1 = time.perf_counter()
+        patch = tuple(int(p) for p in self.folder.configuration["patch_size"])
+        size = grid.model_shape
+        pads = _pad_spec(size, patch)
+        padded = [s + b + a for s, (b, a) in zip(size, pads, strict=True)]
+        starts = compute_steps(padded, patch, self.step_size)
+        weight = compute_gaussian(patch)
+        flips = tta_flips(self.mirror_axes if self.tta else ())
+        run = make_tta_runner(self.model, flips, amp=self.device.type == "cuda")
+
+        names = self.folder.label_names
+        rco = self.folder.regions_class_order
+        dtype = np.uint8 if max(names) < 255 else np.uint16
+        labels = np.zeros(volume.spatial_shape, dtype=dtype)
+        view = labels.transpose(grid.perm)[tuple(slice(lo, hi) for lo, hi in grid.bbox)]
+        k = self.folder.num_heads
+        probs: np.ndarray | None = None
+        prob_view: np.ndarray | None = None
+        if self.save_probabilities:
+            probs = np.zeros((k, *volume.spatial_shape), dtype=np.float32)
+            if rco is None:
+                probs[0] = 1.0  # outside the crop: background (revert_cropping_on_probabilities)
+            prob_view = probs.transpose(0, *(p + 1 for p in grid.perm))[
+                (slice(None), *(slice(lo, hi) for lo, hi in grid.bbox))]
+
+        def to_labels(logits: np.ndarray) -> np.ndarray:
+            if int(logits.shape[0]) != k:
+                raise ModelError(f"{self.name}: network gives {logits.shape[0]} channels, "
+                                 f"dataset.json implies {k}")
+            t = torch.from_numpy(logits)
+            if rco is None:
+                return t.argmax(0).numpy().astype(dtype)
+            seg = np.zeros(logits.shape[1:], dtype=dtype)
+            sig = torch.sigmoid(t).numpy()
+            for i, c in enumerate(rco):
+                seg[sig[i] > 0.5] = c
+            return seg
+
+        def to_probabilities(logits: np.ndarray) -> np.ndarray:
+            t = torch.from_numpy(logits)
+            return (torch.sigmoid(t) if rco is not None else torch.softmax(t, 0)).numpy()
+
+        exporter = SlabExporter(grid.crop_shape, [0, 1, 2], export_plans(grid, self.folder),
+                                to_labels, view, prob_out=prob_view,
+                                to_probabilities=to_probabilities, model_rows=size[0])
+        acc = torch.float16 if self.accumulate == "float16" else torch.float32
+        x = torch.from_numpy(data)
+        stream_logits(x, run, patch, starts, weight, exporter, pads=pads,
+                      batch_size=self.batch_size, accumulate_dtype=acc, fused=False,
+                      device=self.device, progress=lambda f: report("inference", f))
+        timings["inference+export"] = time.perf_counter() - t1
+        label = Volume(labels[None], volume.affine, {"model": self.name})
+        counts = np.bincount(labels.ravel(), minlength=max(names) + 1)
+        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+        stats = [LabelStatistics(value=v, name=n, voxels=int(counts[v]),
+                                 volume_ml=float(counts[v]) * voxel_ml)
+                 for v, n in names.items() if v != 0]
+        timings["total"] = time.perf_counter() - t0
+        return Prediction(
+            label=label,
+            probabilities=Volume(probs, volume.affine, {}) if probs is not None else None,
+            statistics=stats, timings=timings, model_name=self.name,
+            model_version=self.version,
+        )
