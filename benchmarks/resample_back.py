@@ -5,7 +5,9 @@ an oblique (15 deg), LPS, 200^3 source grid (0.8 mm), trilinear, border clamp. P
 ``scipy.ndimage.affine_transform`` (order=1, mode="nearest", one call per channel) and
 MONAI ``SpatialResample`` (torch ``grid_sample``). Each method runs in a fresh child
 process; peak memory is the rise of the child's peak RSS over its RSS just before the
-first call (inputs already built), time the best of ``--repeats`` further calls. Also: a
+first call (inputs already built), wall and CPU time the best of ``--repeats``
+further calls (CPU time is less disturbed by a loaded machine; MONAI/torch may use
+several threads). Also: a
 pure reorientation (same spacing; MONAI still interpolates), and 1-channel
 512x512x600 outputs (probabilities, linear; labels, nearest) against scipy (MONAI needs
 ~4 GB and ~30 s there, so it is left out of those rows).
@@ -118,13 +120,14 @@ def _run(method: str, name: str, quick: bool, repeats: int) -> dict[str, float]:
     del out
     # time: best of `repeats` further calls (first-touch page faults and machine load
     # inflate single timings on a shared machine)
-    times = []
+    times, cpus = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = call()
         times.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
         del out
-    return {"time_s": min(times), "peak_mb": peak, "checksum": checksum}
+    return {"time_s": min(times), "cpu_s": min(cpus), "peak_mb": peak, "checksum": checksum}
 
 
 def main() -> None:
@@ -147,8 +150,8 @@ def main() -> None:
         "big-labels": ("1x358x358x300 uint8 labels, same grids, nearest",
                        ("medinfer", "scipy")),
     }
-    lines = ["| case | method | time s | peak MB | time / ours | peak / ours |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| case | method | wall s | CPU s | peak MiB | wall / ours | CPU / ours | "
+             "peak / ours |", "|---|---|---|---|---|---|---|---|"]
     for case, (desc, methods) in cases.items():
         results: dict[str, dict[str, float]] = {}
         for method in methods:
@@ -161,10 +164,14 @@ def main() -> None:
         ours = results["medinfer"]
         for method, r in results.items():
             lines.append(
-                f"| {case} | {method} | {r['time_s']:.2f} | {r['peak_mb']:.0f} | "
-                f"{r['time_s'] / ours['time_s']:.1f}x | "
+                f"| {case} | {method} | {r['time_s']:.2f} | {r['cpu_s']:.2f} | "
+                f"{r['peak_mb']:.0f} | {r['time_s'] / ours['time_s']:.1f}x | "
+                f"{r['cpu_s'] / ours['cpu_s']:.1f}x | "
                 f"{r['peak_mb'] / max(ours['peak_mb'], 1.0):.1f}x |"
             )
+            if abs(r["checksum"] - ours["checksum"]) > 1e-5 * max(1.0, abs(ours["checksum"])):
+                lines.append(f"| {case} | {method} | results differ from ours: mean "
+                             f"{r['checksum']:.6g} vs {ours['checksum']:.6g} | | | | | |")
         sys.stdout.write(f"{case}: {desc}\n")
     sys.stdout.write("\n".join(lines) + "\n")
 
