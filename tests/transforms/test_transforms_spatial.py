@@ -316,6 +316,7 @@ def test_record_json_round_trip_and_validation() -> None:
     _, rec = to_model_grid(src, "LPS", (1.0, 2.0, 1.5))
     again = SpatialRecord.from_dict(json.loads(json.dumps(rec.to_dict())))
     assert again == rec
+    assert hash(again) == hash(rec)
     assert [s["op"] for s in again.steps] == ["reorient", "resample"]
     bad = rec.to_dict()
     del bad["model_affine"]

@@ -56,6 +56,7 @@ Speed and memory
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -148,6 +149,9 @@ class SpatialRecord:
     model_shape: tuple[int, int, int]
     model_affine: tuple[tuple[float, ...], ...]
     steps: tuple[Mapping[str, Any], ...] = ()
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     @property
     def source_affine_array(self) -> np.ndarray:
