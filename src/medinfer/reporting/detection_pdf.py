@@ -107,9 +107,12 @@ def write_detection_pdf(
     with tempfile.TemporaryDirectory() as tmpdir:
         if overview_png is not None and Path(overview_png).is_file():
             story.append(Paragraph("Key images", styles["Heading2"]))
-            story.append(Image(str(overview_png), width=170 * mm, height=None,
-                               kind="proportional"))
-            story[-1]._restrictSize(170 * mm, 120 * mm)
+            from PIL import Image as PILImage
+
+            with PILImage.open(overview_png) as im:
+                w_px, h_px = im.size
+            scale = min(170 * mm / w_px, 120 * mm / h_px)
+            story.append(Image(str(overview_png), width=w_px * scale, height=h_px * scale))
         crops = []
         for d in list(dets)[:max_key_images]:
             p = Path(tmpdir) / f"{d['id']}.png"
