@@ -135,3 +135,29 @@ def test_not_yaml_and_not_mapping(tmp_path: Path) -> None:
         ModelCard.from_yaml(p)
     with pytest.raises(ModelError, match="not found"):
         ModelCard.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_every_field_is_documented() -> None:
+    """docs/model_card.md names every field of the schema (dotted paths)."""
+    from pydantic import BaseModel
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "model_card.md").read_text()
+
+    def fields(model: type[BaseModel], prefix: str) -> list[str]:
+        out = []
+        for name, info in model.model_fields.items():
+            path = f"{prefix}{name}"
+            out.append(path)
+            ann = info.annotation
+            if getattr(ann, "__origin__", None) is dict:
+                continue
+            for sub in getattr(ann, "__args__", (ann,)):
+                if isinstance(sub, type) and issubclass(sub, BaseModel):
+                    out.extend(fields(sub, path + "."))
+        return out
+
+    from medinfer.models.card import LabelSpec
+
+    names = fields(ModelCard, "") + [f"labels.N.{f}" for f in LabelSpec.model_fields]
+    missing = [n for n in names if f"`{n}`" not in doc]
+    assert not missing, missing

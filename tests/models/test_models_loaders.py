@@ -161,3 +161,18 @@ def test_bundled_models_load() -> None:
         assert card.name
         model = load_model(card, folder, "cpu")
         assert callable(model)
+
+
+def test_resolve_device() -> None:
+    from medinfer.errors import ConfigError
+    from medinfer.models import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("AUTO").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="'auto', 'cpu', 'cuda'"):
+        resolve_device("tpu")
+    if torch.cuda.is_available():
+        assert resolve_device("cuda").type == "cuda"
+    else:
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            resolve_device("cuda")
