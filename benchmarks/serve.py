@@ -1,0 +1,159 @@
+"""Benchmark of ``POST /v1/predict``: throughput and latency on loopback vs a direct call.
+
+Starts ``uvicorn medinfer.serve:app`` in a subprocess on 127.0.0.1 with the given model,
+then measures, for 1, 4 and 16 concurrent clients (threads, one httpx client each),
+requests/s and p50 / p95 latency of the synchronous JSON prediction of one scan. The
+peer is the same work done in this process without HTTP: ``medinfer.io.load`` +
+``Predictor.predict`` + ``Prediction.summary()``, with the same model and the same torch
+thread count. The HTTP overhead is the ratio of the 1-client p50 latency to the direct
+p50 (target: at most 10 % slower).
+
+Usage::
+
+    .venv/bin/python benchmarks/serve.py [--model demo-brain] [--scan samples/t1_sample.nii.gz]
+        [--repeats 5] [--per-client 2] [--workers 2]
+
+Prints a Markdown table. Numbers depend on the machine and on its load; compare ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _percentile(values: list[float], q: float) -> float:
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    pos = (len(v) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def direct(model: str, scan: Path, repeats: int, threads: int) -> list[float]:
+    """Seconds per direct load + predict + summary (after one warm-up call)."""
+    import torch
+
+    from medinfer.inference import Predictor
+    from medinfer.io import load
+    from medinfer.models import load_model, resolve_model
+
+    torch.set_num_threads(threads)
+    card, folder = resolve_model(model)
+    predictor = Predictor(card, load_model(card, folder, "cpu"), device="cpu")
+    predictor.predict(load(scan)).summary()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        predictor.predict(load(scan)).summary()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def http_level(url: str, scan: Path, clients: int, per_client: int) -> tuple[float, list[float]]:
+    """(requests/s, latencies) for ``clients`` concurrent clients, ``per_client`` each."""
+    data = scan.read_bytes()
+
+    def worker(_: int) -> list[float]:
+        out = []
+        with httpx.Client(base_url=url, timeout=3600) as c:
+            for _ in range(per_client):
+                t0 = time.perf_counter()
+                r = c.post("/v1/predict", files={"file": (scan.name, data)})
+                out.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
+        return out
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        lat = [x for part in pool.map(worker, range(clients)) for x in part]
+    wall = time.perf_counter() - t0
+    return len(lat) / wall, lat
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="demo-brain")
+    ap.add_argument("--scan", type=Path, default=REPO / "samples" / "t1_sample.nii.gz")
+    ap.add_argument("--repeats", type=int, default=5, help="direct and 1-client calls")
+    ap.add_argument("--per-client", type=int, default=2, help="requests per client at 4, 16")
+    ap.add_argument("--workers", type=int, default=2, help="MEDINFER_WORKERS of the server")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS",
+                                                                      os.cpu_count() or 1)))
+    args = ap.parse_args(argv)
+
+    store = Path(tempfile.mkdtemp(prefix="medinfer-bench-"))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, MEDINFER_MODEL=args.model, MEDINFER_DEVICE="cpu",
+               MEDINFER_JOB_STORE=str(store), MEDINFER_WORKERS=str(args.workers),
+               OMP_NUM_THREADS=str(args.threads))
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "medinfer.serve:app",
+                             "--host", "127.0.0.1", "--port", str(port),
+                             "--log-level", "warning"], env=env, cwd=str(REPO))
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
+                    break
+            if proc.poll() is not None:
+                raise SystemExit("server exited during start-up")
+            time.sleep(0.3)
+        else:
+            raise SystemExit("server not ready after 300 s")
+        http_level(url, args.scan, 1, 1)  # warm-up
+        base = direct(args.model, args.scan, args.repeats, args.threads)
+        rows = []
+        for clients in (1, 4, 16):
+            per = args.repeats if clients == 1 else args.per_client
+            rps, lat = http_level(url, args.scan, clients, per)
+            rows.append((clients, len(lat), rps, _percentile(lat, 50), _percentile(lat, 95)))
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(20)
+        if proc.poll() is None:
+            proc.kill()
+    d50 = statistics.median(base)
+    print(f"model {args.model}, scan {args.scan.name}, server workers {args.workers}, "
+          f"torch threads {args.threads}, CPU count {os.cpu_count()}")
+    print()
+    print("| path | clients | requests | requests/s | p50 latency (s) | p95 latency (s) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| direct `Predictor.predict` (+ load, summary) | 1 | {len(base)} | {1 / d50:.3f} | "
+          f"{d50:.3f} | {_percentile(base, 95):.3f} |")
+    for clients, n, rps, p50, p95 in rows:
+        print(f"| HTTP `POST /v1/predict` | {clients} | {n} | {rps:.3f} | {p50:.3f} | "
+              f"{p95:.3f} |")
+    overhead = rows[0][3] / d50 - 1.0
+    print()
+    print(f"HTTP overhead at 1 client (p50 vs direct p50): {overhead * 100:+.1f} % "
+          f"(target <= +10 %)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
