@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import nibabel as nib
 import numpy as np
-import pytest
 from _serve_support import Server, make_scan, make_tiny_model, wait_job
 
 
@@ -85,7 +84,7 @@ def _partial_files(root: Path) -> list[Path]:
 
 def test_queue_limit_then_sigkill_and_restart_loses_nothing(tmp_path: Path) -> None:
     model = make_tiny_model(tmp_path / "model", spacing=(1.0, 1.0, 1.0))
-    scans = [make_scan(tmp_path / f"big{i:02d}.nii.gz", shape=(64, 64, 48), seed=100 + i)
+    scans = [make_scan(tmp_path / f"big{i:02d}.nii.gz", shape=(56, 56, 44), seed=100 + i)
              for i in range(12)]
     env = {"MEDINFER_MODEL": str(model), "MEDINFER_JOB_STORE": str(tmp_path / "store"),
            "MEDINFER_WORKERS": "1", "MEDINFER_QUEUE_LIMIT": "5"}
@@ -143,28 +142,3 @@ def test_queue_limit_then_sigkill_and_restart_loses_nothing(tmp_path: Path) -> N
         assert list((store / "inputs").iterdir()) == []  # inputs removed once done
     finally:
         srv2.stop()
-
-
-@pytest.mark.parametrize("ttl", ["1.5"])
-def test_results_expire_after_ttl(tmp_path: Path, ttl: str) -> None:
-    model = make_tiny_model(tmp_path / "model")
-    scan = make_scan(tmp_path / "s.nii.gz")
-    srv = Server({"MEDINFER_MODEL": str(model), "MEDINFER_JOB_STORE": str(tmp_path / "store"),
-                  "MEDINFER_RESULT_TTL_S": ttl}, tmp_path / "server.log")
-    try:
-        srv.wait_ready()
-        with httpx.Client(base_url=srv.url, timeout=60) as http:
-            job_id = http.post("/api/v1/inference",
-                               files={"file": ("s.nii.gz", scan.read_bytes())}).json()["job_id"]
-            assert wait_job(http, job_id)["status"] in ("succeeded", "expired")
-            deadline = time.monotonic() + 60
-            status = ""
-            while time.monotonic() < deadline and status != "expired":
-                status = http.get(f"/api/v1/inference/{job_id}").json()["status"]
-                time.sleep(0.2)
-            assert status == "expired"
-            r = http.get(f"/api/v1/inference/{job_id}/results")
-            assert r.status_code == 410 and r.json()["error"]["type"] == "JobExpired"
-            assert not (tmp_path / "store" / "outputs" / job_id).exists()
-    finally:
-        srv.stop()

@@ -137,7 +137,7 @@ def test_manager_runs_jobs_with_monotonic_progress_and_cancel(tmp_path: Path) ->
         assert mgr.cancel(j2.id) is JobStatus.CANCELLED  # queued: at once
         j3 = mgr.submit(_upload(tmp_path, 3), JobConfig())
         gate.set()
-        _wait(lambda: store.get(j3.id).status.terminal)  # type: ignore[union-attr]
+        _wait(lambda: len(outcomes) == 3)  # reported after the clean-up
         for j in (j1, j3):
             done = store.get(j.id)
             assert done is not None and done.status is JobStatus.SUCCEEDED
@@ -145,7 +145,6 @@ def test_manager_runs_jobs_with_monotonic_progress_and_cancel(tmp_path: Path) ->
             assert (store.output_dir(j.id) / "label.nii.gz").is_file()
             assert not store.input_dir(j.id).exists()
         assert store.get(j2.id).status is JobStatus.CANCELLED  # type: ignore[union-attr]
-        _wait(lambda: len(outcomes) == 3)
         assert sorted(outcomes) == ["cancelled", "succeeded", "succeeded"]
         assert engine.calls == 2
     finally:
@@ -189,3 +188,16 @@ def test_job_config_parsing_names_bad_keys() -> None:
         parse_job_config(b"- 1\n- 2\n")
     with pytest.raises(ValueError, match="YAML"):
         parse_job_config(b"a: [1\n")
+
+
+def test_manager_expires_results_after_ttl(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "store")
+    mgr = JobManager(store, FakeEngine, LIMITS, workers=1, queue_limit=10, result_ttl_s=0.3)
+    mgr.start()
+    try:
+        job = mgr.submit(_upload(tmp_path, 1), JobConfig())
+        _wait(lambda: store.get(job.id).status is JobStatus.EXPIRED)  # type: ignore[union-attr]
+        _wait(lambda: not store.output_dir(job.id).exists())  # deleted right after
+        assert store.get(job.id).files == []  # type: ignore[union-attr]
+    finally:
+        mgr.stop()
