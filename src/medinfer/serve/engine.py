@@ -84,12 +84,20 @@ def parse_job_config(data: bytes | str | Mapping[str, Any] | None,
         raise ConfigError(f"{name}: expected a mapping at the top level, got "
                           f"{type(parsed).__name__}")
     try:
-        return JobConfig.model_validate(parsed)
+        cfg = JobConfig.model_validate(parsed)
     except ValidationError as exc:
         parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         raise ConfigError(f"{name}: " + "; ".join(parts)
                           + " (accepted keys: threshold, save_probabilities, detection)") \
             from None
+    if cfg.detection:
+        checked = safe_detection_config(cfg.detection)
+        try:
+            from medinfer.postprocess.detection_config import DetectionConfig
+        except ImportError:  # detection pipeline not installed: checked when it runs
+            return cfg
+        DetectionConfig.from_dict(checked, source=f"{name}: detection")
+    return cfg
 
 
 class Engine(Protocol):
@@ -178,28 +186,71 @@ class ModelEngine:
 
     def _detect(self, volume: Volume, config: JobConfig,
                 progress: ProgressFn | None) -> Prediction:
-        from medinfer.postprocess.detection_cli import run_detection_on_volume
+        try:
+            from medinfer.postprocess.detection_run import run_detection_on_volume
+        except ImportError:  # older layout
+            from medinfer.postprocess.detection_cli import (  # type: ignore[attr-defined,no-redef,unused-ignore]
+                run_detection_on_volume,
+            )
 
-        det_config: dict[str, Any] = dict(config.detection)
-        if config.threshold is not None:
-            post = dict(det_config.get("post_processing") or {})
-            post.setdefault("threshold", config.threshold)
-            det_config["post_processing"] = post
+        det_config = safe_detection_config(config.detection)
+        threshold = config.threshold
+        if threshold is None:
+            threshold = float(self.card.output.threshold)
+        post = dict(det_config.get("post_processing") or {})
+        post.setdefault("threshold", threshold)
+        det_config["post_processing"] = post
         card = _override_card(self.card, threshold=config.threshold)
+        overall: ProgressFn | None = None
         if progress is not None:
-            progress("detection", 0.0)
-        out = run_detection_on_volume(volume, card, self.model, det_config)
-        if progress is not None:
-            progress("detection", 1.0)
-        if isinstance(out, Prediction):
-            return out
-        # a (prediction, report) pair or a report mapping with a prediction inside
-        if isinstance(out, tuple) and out and isinstance(out[0], Prediction):
-            return out[0]
-        if isinstance(out, Mapping) and isinstance(out.get("prediction"), Prediction):
-            return out["prediction"]  # type: ignore[no-any-return,unused-ignore]
-        raise TypeError(f"run_detection_on_volume returned {type(out).__name__}, "
-                        "expected a Prediction")
+            report = progress
+
+            def overall(stage: str, fraction: float) -> None:
+                # the detection pipeline reports per-stage fractions; make them overall
+                lo, hi = _DETECTION_SPANS.get(stage, (0.0, 1.0))
+                report(stage, lo + (hi - lo) * min(1.0, max(0.0, fraction)))
+
+        out = run_detection_on_volume(volume, card, self.model, det_config, progress=overall)
+        if not isinstance(out, Prediction):
+            raise TypeError(f"run_detection_on_volume returned {type(out).__name__}, "
+                            "expected a Prediction")
+        return out
+
+
+#: overall-progress span of each detection stage
+_DETECTION_SPANS = {"preprocess": (0.0, 0.1), "inference": (0.1, 0.85),
+                    "postprocess": (0.85, 1.0)}
+
+#: detection-config sections a client may set per job (no file paths, no outputs)
+_CLIENT_DETECTION_SECTIONS = ("input", "inference", "post_processing")
+
+
+def safe_detection_config(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Copy of a client's detection config limited to what is safe on a server.
+
+    Only the sections ``input``, ``inference`` and ``post_processing`` are accepted, and
+    no key naming a server-side file (``post_processing.calibration``); the detection
+    pipeline validates the values.
+
+    Raises
+    ------
+    ConfigError
+        Another section, or a file key; the message names it.
+    """
+    out: dict[str, Any] = {}
+    for key, value in dict(data).items():
+        if key not in _CLIENT_DETECTION_SECTIONS:
+            raise ConfigError(f"config: detection.{key}: not accepted by the service; "
+                              f"allowed sections: {', '.join(_CLIENT_DETECTION_SECTIONS)}")
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config: detection.{key}: expected a mapping")
+        section = dict(value)
+        if key == "post_processing" and "calibration" in section:
+            raise ConfigError("config: detection.post_processing.calibration: server-side "
+                              "files cannot be chosen by a client; configure the model's "
+                              "calibration on the server")
+        out[key] = section
+    return out
 
 
 def _override_card(card: Any, *, threshold: float | None = None,
