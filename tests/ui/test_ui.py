@@ -25,7 +25,13 @@ from _serve_support import (
     oblique_affine,
 )
 
-from medinfer.ui.render import class_table, overlay_slice, to_display_frame
+from medinfer.ui.render import (
+    class_table,
+    display_spacing,
+    overlay_slice,
+    physical_aspect,
+    to_display_frame,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 _ZOO = REPO / "src/medinfer/models/zoo"
@@ -47,6 +53,12 @@ def test_display_frame_and_overlay_colours() -> None:
     assert green.tolist() == [[0, 3]]  # anterior up, right to the right
     half = overlay_slice(img_d, lab_d, 2, 0, {2: (0, 255, 0)}, 0.5, window=(0.0, 100.0))
     assert 100 < int(half[0, 3, 1]) < 255
+    sp = display_spacing(aff)  # spacing (1.3, 0.9, 2.1) stays with its axes
+    np.testing.assert_allclose(sp, (1.3, 0.9, 2.1))
+    square = physical_aspect(rgb, 2, sp)  # axial: columns R (1.3 mm), rows A (0.9 mm)
+    assert square.shape == (5, round(4 * 1.3 / 0.9), 3)
+    coronal = physical_aspect(overlay_slice(img_d, lab_d, 1, 0, {}, 0.5), 1, sp)
+    assert coronal.shape == (round(3 * 2.1 / 1.3), 4, 3)
 
 
 def test_class_table_lists_every_foreground_label() -> None:

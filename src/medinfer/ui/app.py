@@ -24,7 +24,9 @@ import numpy as np
 from medinfer.ui.render import (
     PLANES,
     class_table,
+    display_spacing,
     overlay_slice,
+    physical_aspect,
     to_display_frame,
 )
 
@@ -116,7 +118,8 @@ def main() -> None:
         state["result"] = {"image": image_d, "label": label_d, "card": out["card"],
                            "summary": out["summary"],
                            "label_bytes": Path(out["label_path"]).read_bytes(),
-                           "name": uploaded.name, "spacing": volume.spacing.tolist()}
+                           "name": uploaded.name, "spacing": volume.spacing.tolist(),
+                           "display_spacing": display_spacing(volume.affine)}
         state["run_key"] = run_key
     res = state.get("result")
     if not res:
@@ -131,6 +134,7 @@ def main() -> None:
             idx = st.slider(f"{plane} slice", 0, shape[axis] - 1, shape[axis] // 2,
                             key=f"slice-{plane}")
             rgb = overlay_slice(res["image"], res["label"], axis, idx, colors, opacity)
+            rgb = physical_aspect(rgb, axis, res["display_spacing"])
             st.image(rgb, caption=f"{plane} {idx + 1}/{shape[axis]}",
                      use_container_width=True, clamp=True)
     st.subheader("Per-class volumes")

@@ -84,3 +84,35 @@ def class_table(summary: Mapping[str, Any], card: Mapping[str, Any]) -> list[dic
                      "voxels": int(lab.get("voxels", 0)),
                      "volume (mL)": round(float(lab.get("volume_ml", 0.0)), 3)})
     return rows
+
+
+def display_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size (mm) along the display axes of :func:`to_display_frame` (R, A, S)."""
+    import nibabel.orientations as nio
+
+    ornt = nio.io_orientation(affine)
+    vox = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    out = [1.0, 1.0, 1.0]
+    for src_axis, (dst_axis, _) in enumerate(ornt):
+        out[int(dst_axis)] = float(vox[src_axis])
+    return out[0], out[1], out[2]
+
+
+def physical_aspect(rgb: np.ndarray, axis: int, spacing: tuple[float, float, float]
+                    ) -> np.ndarray:
+    """Resize an :func:`overlay_slice` image so that pixels are square in mm.
+
+    ``rgb`` is ``(rows, cols, 3)`` for a slice across display ``axis``; rows run along the
+    second remaining axis, columns along the first. Nearest-neighbour, so label edges stay
+    crisp; the smaller spacing sets the pixel size.
+    """
+    from PIL import Image
+
+    first, second = (a for a in range(3) if a != axis)
+    col_mm, row_mm = spacing[first], spacing[second]
+    unit = min(col_mm, row_mm)
+    rows, cols = rgb.shape[:2]
+    size = (max(1, round(cols * col_mm / unit)), max(1, round(rows * row_mm / unit)))
+    if size == (cols, rows):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.NEAREST))
