@@ -266,6 +266,11 @@ def test_websocket_submit_and_subscribe(server: Server, http: httpx.Client, scan
     # bad requests over the socket: error event, not a crash
     bad = list(client.stream("0" * 32, timeout=60))
     assert bad[-1]["event"] == "error" and bad[-1]["error"]["status"] == 404
+    notes = scan.parent / "notes.txt"
+    notes.write_text("not a scan\n" * 100)
+    refused = list(client.stream(notes, timeout=60))
+    assert len(refused) == 1 and refused[0]["event"] == "error"
+    assert refused[0]["error"]["status"] == 415
     nokey = InferenceClient(server.url, api_key="wrong")
     denied = list(nokey.stream(job_id, timeout=60))
     assert denied[-1]["event"] == "error" and denied[-1]["error"]["status"] == 401

@@ -247,11 +247,14 @@ def create_app(settings: ServeSettings | None = None,
                              queue_limit=settings.queue_limit,
                              result_ttl_s=settings.result_ttl_s,
                              on_outcome=lambda o: metrics.jobs.labels(o).inc())
-        store.recover()  # before accepting submissions (see JobStore.recover)
+        requeued = store.recover()  # before accepting submissions (see JobStore.recover)
+        if requeued:
+            log.warning("re-queued %d job(s) interrupted by the previous shutdown",
+                        len(requeued))
         store_box.update(store=store, manager=manager, tmp=tmp_root)
         metrics.queue_length.set_function(lambda: store.count(JobStatus.QUEUED))
         metrics.jobs_running.set_function(lambda: manager.running_count)
-        holder.start(on_loaded=lambda: None if manager.start() else None)
+        holder.start(on_loaded=lambda: None if manager.start(recover=False) else None)
         try:
             yield
         finally:
@@ -525,11 +528,25 @@ def create_app(settings: ServeSettings | None = None,
                 await ws.close(code=code)
 
     async def _ws_open(ws: WebSocket) -> str | None:
+        tmp = Path(tempfile.mkdtemp(prefix="ws-", dir=store_box["tmp"]))
+        try:
+            return await _ws_open_in(ws, tmp)
+        finally:
+            await run_in_threadpool(shutil.rmtree, tmp, True)
+
+    async def _ws_open_in(ws: WebSocket, tmp: Path) -> str | None:
+        """Read the client's request; submit a scan or return the job id to follow."""
+        up = tmp / "upload"
         first = await asyncio.wait_for(ws.receive(), _WS_IDLE_S)
         if first.get("type") == "websocket.disconnect":
             raise WebSocketDisconnect(first.get("code", 1000))
         if first.get("bytes") is not None:
             data: bytes = first["bytes"]
+            if len(data) > settings.max_upload_bytes:
+                await _ws_error(ws, 413, "PayloadTooLarge", "scan larger than the upload limit")
+                return None
+            await run_in_threadpool(up.write_bytes, data)
+            del data
             config = JobConfig()
         else:
             try:
@@ -552,7 +569,7 @@ def create_app(settings: ServeSettings | None = None,
                                 "expected {'job_id': ...} or {'action': 'submit', 'size': N}")
                 return None
             size = msg.get("size")
-            if not isinstance(size, int) or size <= 0:
+            if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
                 await _ws_error(ws, 400, "BadRequest", "'size' must be a positive integer")
                 return None
             if size > settings.max_upload_bytes:
@@ -564,32 +581,24 @@ def create_app(settings: ServeSettings | None = None,
             except MedinferError as exc:
                 await _ws_error(ws, status_for(exc), type(exc).__name__, str(exc))
                 return None
-            parts: list[bytes] = []
             got = 0
-            for _ in range(size // 1 + 1):  # bounded: each message carries >= 1 byte
-                if got >= size:
-                    break
-                m = await asyncio.wait_for(ws.receive(), _WS_IDLE_S)
-                if m.get("type") == "websocket.disconnect":
-                    raise WebSocketDisconnect(m.get("code", 1000))
-                chunk = m.get("bytes")
-                if not chunk:
-                    await _ws_error(ws, 400, "BadRequest", "expected binary scan data")
-                    return None
-                got += len(chunk)
-                if got > size:
-                    await _ws_error(ws, 400, "BadRequest", "more bytes than announced")
-                    return None
-                parts.append(chunk)
-            data = b"".join(parts)
-        if len(data) > settings.max_upload_bytes:
-            await _ws_error(ws, 413, "PayloadTooLarge", "scan larger than the upload limit")
-            return None
-        tmp = Path(tempfile.mkdtemp(prefix="ws-", dir=store_box["tmp"]))
+            with open(up, "wb") as fh:
+                for _ in range(size):  # bounded: each message carries >= 1 byte
+                    if got >= size:
+                        break
+                    m = await asyncio.wait_for(ws.receive(), _WS_IDLE_S)
+                    if m.get("type") == "websocket.disconnect":
+                        raise WebSocketDisconnect(m.get("code", 1000))
+                    chunk = m.get("bytes")
+                    if not chunk:
+                        await _ws_error(ws, 400, "BadRequest", "expected binary scan data")
+                        return None
+                    got += len(chunk)
+                    if got > size:
+                        await _ws_error(ws, 400, "BadRequest", "more bytes than announced")
+                        return None
+                    await run_in_threadpool(fh.write, chunk)
         try:
-            up = tmp / "upload"
-            await run_in_threadpool(up.write_bytes, data)
-            del data
             _check_queue_room()
             await anyio.to_thread.run_sync(check_upload, up, tmp / "check", limits, "scan")
             job = await run_in_threadpool(_manager().submit, up, config)
@@ -599,8 +608,6 @@ def create_app(settings: ServeSettings | None = None,
         except MedinferError as exc:
             await _ws_error(ws, status_for(exc), type(exc).__name__, str(exc))
             return None
-        finally:
-            await run_in_threadpool(shutil.rmtree, tmp, True)
         return job.id
 
     async def _ws_follow(ws: WebSocket, job_id: str) -> None:

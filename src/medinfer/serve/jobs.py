@@ -92,12 +92,14 @@ class JobManager:
         self._running: set[str] = set()
 
     # ------------------------------------------------------------------ life cycle
-    def start(self) -> list[str]:
-        """Recover after a crash, start the workers and the expiry thread.
+    def start(self, recover: bool = True) -> list[str]:
+        """Recover after a crash (unless done already), start the workers and the expiry
+        thread. Returns the ids of jobs that were running when the last process died.
 
-        Returns the ids of jobs that were running when the last process died.
+        Recovery must run before any submission of this process (it removes input
+        folders that have no job row yet).
         """
-        requeued = self.store.recover()
+        requeued = self.store.recover() if recover else []
         if requeued:
             log.warning("re-queued %d job(s) interrupted by a previous shutdown", len(requeued))
         self._stop.clear()
