@@ -164,6 +164,15 @@ class MonaiBundle:
         self.name = str(self.metadata.get("name", self.path.name))
         self.version = str(self.metadata.get("version", ""))
 
+    @property
+    def card(self) -> Any:
+        """Display :class:`~medinfer.models.ModelCard` (label names from metadata
+        ``channel_def``, colours) of the output label map."""
+        from medinfer.models.nnunet import display_card
+
+        names = self.label_names or {0: "background", 1: "foreground"}
+        return display_card(self.name, names, "configs/metadata.json", self.version)
+
     def _parser(self) -> Any:
         try:
             from monai.bundle import ConfigParser

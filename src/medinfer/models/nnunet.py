@@ -809,6 +809,12 @@ class NnUNetPredictor:
         self.name = self.folder.path.name
         self.version = str(self.folder.dataset.get("name", ""))
 
+    @property
+    def card(self) -> Any:
+        """Display :class:`~medinfer.models.ModelCard` (label names and colours) of the
+        output label map; see :func:`display_card`."""
+        return display_card(self.name, self.folder.label_names, "dataset.json", self.version)
+
     def predict(self, volume: Volume, progress: Callable[[str, float], None] | None = None
                 ) -> Prediction:
         """Segment ``volume``; the label map has exactly its shape and affine.
@@ -908,3 +914,34 @@ class NnUNetPredictor:
             statistics=stats, timings=timings, model_name=self.name,
             model_version=self.version,
         )
+
+
+def _palette(v: int) -> list[int]:
+    """A distinct display colour per label value (golden-angle hue steps)."""
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb((v * 0.618033988749895) % 1.0, 0.75, 0.95)
+    return [int(r * 255), int(g * 255), int(b * 255)]
+
+
+def display_card(name: str, labels: dict[int, str], source: str, version: str = "") -> Any:
+    """A :class:`~medinfer.models.ModelCard` describing an external model's outputs.
+
+    Used by front doors that show or write label names and colours (statistics tables,
+    overlays, ``<case>_stats.json``); the weights entry names ``source`` and is not
+    loaded. Softmax activation when the label values are ``0..K-1``, else sigmoid.
+    """
+    from medinfer.models.card import ModelCard
+
+    values = sorted(labels)
+    consecutive = values == list(range(len(values)))
+    return ModelCard.from_dict({
+        "name": name[:100] or "model", "version": version[:50] or "0",
+        "labels": {v: {"name": labels[v][:200] or f"label {v}", "color": _palette(v)}
+                   for v in values},
+        "input": {"orientation": None, "normalization": {"method": "none"}},
+        "output": {"activation": "softmax" if consecutive else "sigmoid"},
+        "weights": {"format": "torchscript", "file": source},
+        "provenance": {"external": source},
+    }, source=source)
+

@@ -1,0 +1,213 @@
+"""Benchmark: medinfer vs ``nnUNetv2_predict`` on the same nnU-Net v2 model folder and input.
+
+Model: the tiny model that ``tests/nnunet`` trains with nnU-Net's own tools (two input
+channels, CT + T2, anisotropic 0.8 x 3.0 x 0.8 mm), copied with its patch enlarged to
+``16 x 64 x 64`` (the network is fully convolutional, both tools use the copy). With
+``--classes K`` the copy gets K labels and a random-weight checkpoint written by
+nnU-Net's own network builder (``get_network_from_plans``) in nnU-Net's checkpoint format
+(memory scales with the classes; the weights do not matter for speed or memory).
+
+Input: one synthetic case ``--shape`` at 0.9 x 2.6 x 0.9 mm, oblique (resampled by
+both tools, separate-z rule).
+
+Each run is a fresh process tree, timed from start to written output (wall), and its
+memory sampled every 50 ms from /proc: the peak of the **sum** of RSS over the process
+tree (nnU-Net starts worker processes for preprocessing and export: ``-npp 1 -nps 1``
+here, the least it allows; each maps its own torch) and the peak RSS of the largest
+single process (``ru_maxrss`` of the children). medinfer runs in one process:
+``NnUNetPredictor`` (streaming) + ``medinfer.io`` read/write. Both on CPU, with the
+same number of torch threads (``--threads``). The two label maps are compared (Dice per
+label).
+
+Usage::
+
+    MEDINFER_NNUNET_PYTHON=/path/to/python-with-nnunetv2 \\
+        .venv/bin/python benchmarks/nnunet_predict.py --shape 160 48 160 --classes 3 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "nnunet"))
+
+import nnunet_oracle as oracle  # noqa: E402
+
+_RANDOM_CKPT = """
+import sys, torch, json
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+folder, k = sys.argv[1], int(sys.argv[2])
+plans = json.load(open(folder + '/plans.json'))
+arch = plans['configurations']['3d_fullres']['architecture']
+torch.manual_seed(0)
+net = get_network_from_plans(arch['network_class_name'], arch['arch_kwargs'],
+                             arch['_kw_requires_import'], 2, k, deep_supervision=False)
+p = folder + '/fold_0/checkpoint_final.pth'
+ck = torch.load(p, weights_only=False)
+ck['network_weights'] = net.state_dict()
+torch.save(ck, p)
+"""
+
+
+def _tree_rss_kib(root: int) -> tuple[int, int]:
+    """(sum of RSS, max RSS) in KiB over ``root`` and its descendants."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                parts = f.read().rsplit(")", 1)[1].split()
+            ppid = int(parts[1])
+            with open(f"/proc/{d}/statm") as f:
+                pages = int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+        rss[int(d)] = pages * os.sysconf("SC_PAGE_SIZE") // 1024
+    todo, total, biggest = [root], 0, 0
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        biggest = max(biggest, rss.get(p, 0))
+        todo.extend(children.get(p, []))
+    return total, biggest
+
+
+def measure(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak = [0, 0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            s, b = _tree_rss_kib(proc.pid)
+            peak[0], peak[1] = max(peak[0], s), max(peak[1], b)
+            time.sleep(0.05)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, err = proc.communicate()
+    done.set()
+    th.join()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed:\n{err.decode()[-3000:]}")
+    return {"wall_s": wall, "tree_peak_mib": peak[0] / 1024, "proc_peak_mib": peak[1] / 1024}
+
+
+def model_copy(base: Path, work: Path, classes: int) -> Path:
+    dst = work / f"m{classes}" / base.parents[0].name / base.name
+    dst.parent.mkdir(parents=True)
+    shutil.copytree(base, dst, ignore=shutil.ignore_patterns("validation", "*.png",
+                                                             "checkpoint_best.pth"))
+    plans = json.loads((dst / "plans.json").read_text())
+    plans["configurations"]["3d_fullres"]["patch_size"] = [16, 64, 64]
+    (dst / "plans.json").write_text(json.dumps(plans))
+    if classes != 3:
+        ds = json.loads((dst / "dataset.json").read_text())
+        ds["labels"] = {"background": 0, **{f"c{i}": i for i in range(1, classes)}}
+        (dst / "dataset.json").write_text(json.dumps(ds))
+        subprocess.run([str(oracle.oracle_python()), "-c", _RANDOM_CKPT, str(dst),
+                        str(classes)], check=True, capture_output=True)
+    return dst
+
+
+_MEDINFER = """
+import sys, numpy as np, torch
+torch.set_num_threads(int(sys.argv[4]))
+from medinfer import io
+from medinfer.models.nnunet import NnUNetPredictor
+from medinfer.volume import Volume
+from pathlib import Path
+inp, out, model, tta = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[5] == "1"
+p = NnUNetPredictor(model, device="cpu", tta=tta)
+ch = [io.load(inp / f"case_{c:04d}.nii.gz") for c in range(2)]
+vol = Volume(np.concatenate([v.array for v in ch]), ch[0].affine, {})
+io.save(p.predict(vol).label, out / "case.nii.gz")
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", type=int, nargs=3, default=[160, 48, 160])
+    ap.add_argument("--classes", type=int, nargs="+", default=[3])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tta", choices=["on", "off", "both"], default="both")
+    a = ap.parse_args()
+    base = oracle.build_model()
+    spacing = (0.9, 2.6, 0.9)
+    rng = np.random.default_rng(5)
+    img, _ = oracle.blob_case(rng, tuple(a.shape), spacing)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        inp = work / "in"
+        inp.mkdir()
+        aff = oracle.oblique_affine(spacing, 12.0)
+        for c in range(2):
+            oracle.save_nifti(img[c], aff, inp / f"case_{c:04d}.nii.gz")
+        ttas = {"on": [True], "off": [False], "both": [False, True]}[a.tta]
+        for k in a.classes:
+            model = model_copy(base, work, k)
+            env = {**oracle.oracle_env(model.parents[2]), "OMP_NUM_THREADS": str(a.threads),
+                   "MKL_NUM_THREADS": str(a.threads)}
+            for tta in ttas:
+                o_nn, o_mi = work / f"nn{k}{tta}", work / f"mi{k}{tta}"
+                o_nn.mkdir()
+                o_mi.mkdir()
+                cmd = [str(oracle.oracle_python().parent / "nnUNetv2_predict_from_modelfolder"),
+                       "-i", str(inp), "-o", str(o_nn), "-m", str(model), "-f", "0",
+                       "-device", "cpu", "-npp", "1", "-nps", "1"]
+                if not tta:
+                    cmd.append("--disable_tta")
+                r_nn = measure(cmd, env)
+                r_mi = measure([sys.executable, "-c", _MEDINFER, str(inp), str(o_mi), str(model),
+                                str(a.threads), "1" if tta else "0"], env)
+                import nibabel as nib
+
+                ln = np.asarray(nib.load(str(o_nn / "case.nii.gz")).dataobj)
+                lm = np.asarray(nib.load(str(o_mi / "case.nii.gz")).dataobj)
+                dices = []
+                for v in np.unique(ln):
+                    if v == 0:
+                        continue
+                    s = np.sum(ln == v) + np.sum(lm == v)
+                    dices.append(2 * np.sum((ln == v) & (lm == v)) / s)
+                rows.append({"classes": k, "tta": tta, "nn": r_nn, "mi": r_mi,
+                             "min_dice": min(dices) if dices else float("nan"),
+                             "same": float(np.mean(ln == lm))})
+    print(f"\ninput {tuple(a.shape)} at {spacing} mm, oblique, 2 channels; patch 16x64x64; "
+          f"CPU, {a.threads} torch threads; maxrss of children "
+          f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB\n")
+    print("| classes | TTA | nnUNetv2_predict wall (s) | medinfer wall (s) | speed-up | "
+          "nnU-Net peak RSS, tree / largest proc (MiB) | medinfer peak RSS (MiB) | "
+          "memory ratio (medinfer / nnU-Net tree) | min Dice | equal voxels |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        nn, mi = r["nn"], r["mi"]
+        print(f"| {r['classes']} | {'on' if r['tta'] else 'off'} | {nn['wall_s']:.1f} | "
+              f"{mi['wall_s']:.1f} | {nn['wall_s'] / mi['wall_s']:.2f}x | "
+              f"{nn['tree_peak_mib']:.0f} / {nn['proc_peak_mib']:.0f} | "
+              f"{mi['tree_peak_mib']:.0f} | {mi['tree_peak_mib'] / nn['tree_peak_mib']:.2f} | "
+              f"{r['min_dice']:.4f} | {100 * r['same']:.3f} % |")
+
+
+if __name__ == "__main__":
+    main()
