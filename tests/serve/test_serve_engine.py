@@ -120,3 +120,12 @@ def test_not_ready_when_the_model_fails_to_load(tmp_path: Path) -> None:
         assert "no-such-model" in r.json()["error"]["message"]
         r = client.post("/v1/predict", files={"file": ("a", b"x")})
         assert r.status_code == 503 and r.json()["error"]["type"] == "ModelUnavailable"
+
+
+def test_summaries_are_json_safe() -> None:
+    from medinfer.serve.engine import jsonable
+
+    out = jsonable({"d": [{"std": float("nan"), "v": np.float32(2.5)}], 3: np.arange(2),
+                    "inf": -np.inf})
+    assert out == {"d": [{"std": None, "v": 2.5}], "3": [0, 1], "inf": None}
+    json.dumps(out, allow_nan=False)

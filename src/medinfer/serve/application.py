@@ -51,6 +51,7 @@ from medinfer.serve.engine import (
     Engine,
     JobConfig,
     ModelEngine,
+    jsonable,
     parse_job_config,
 )
 from medinfer.serve.errors import (
@@ -366,7 +367,7 @@ def create_app(settings: ServeSettings | None = None,
                 summary = prediction.summary()
                 summary.setdefault("timings", {})
                 summary["timings"]["http_load"] = t1 - t0
-                return summary
+                return jsonable(summary)
 
             try:
                 result = await anyio.to_thread.run_sync(work, limiter=predict_limiter)

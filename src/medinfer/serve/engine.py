@@ -309,8 +309,9 @@ def write_outputs(prediction: Prediction, out_dir: Path, config: JobConfig,
     summary = prediction.summary()
     if extra:
         summary.update(extra)
+    summary = jsonable(summary)
     if prediction.detections:
-        _write_json(tmp / "detections.json", {"detections": prediction.detections})
+        _write_json(tmp / "detections.json", {"detections": summary["detections"]})
         files.append("detections.json")
     _write_json(tmp / "summary.json", summary)
     files.append("summary.json")
@@ -326,6 +327,27 @@ def _write_json(path: Path, data: Any) -> None:
     from medinfer._atomic import write_text_atomic
 
     write_text_atomic(path, json.dumps(data, indent=2, default=_json_default))
+
+
+def jsonable(obj: Any) -> Any:
+    """A JSON-safe copy: numpy scalars / arrays to Python, NaN and +-inf to ``None``."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
 
 
 def _json_default(obj: Any) -> Any:
