@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from fastapi import Depends, FastAPI, File, Query, Request, UploadFile, WebSocket
+from fastapi import Depends, FastAPI, File, Query, UploadFile, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
@@ -406,7 +406,6 @@ def create_app(settings: ServeSettings | None = None,
         summary="Submit a scan as a durable job",
     )
     async def submit(
-        request: Request,
         file: UploadFile = File(..., description="NIfTI (.nii), NIfTI gz, DICOM zip"),
         config: UploadFile | None = File(None, description="optional job config YAML "
                                                             "(threshold, save_probabilities, "
