@@ -123,3 +123,15 @@ def test_wrong_output_shape_is_a_model_error() -> None:
     with pytest.raises(ModelError, match="does not match the window"):
         stream_logits(torch.zeros(1, 20, 8, 8), make_tta_runner(bad, [()]), (8, 8, 8),
                       [[0, 12], [0], [0]], torch.ones(8, 8, 8), lambda *a: None)
+
+
+def test_row_by_row_pieces_give_the_same_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    import medinfer.inference.streaming as st
+
+    card = make_card(50)
+    pred = Predictor(card, random_net(50, seed=11), device="cpu", tta=False)
+    vol = scan((33, 20, 14), seed=12)
+    full = pred.predict(vol)
+    monkeypatch.setattr(st, "_SINK_BYTES", 1)  # one model row / one output row at a time
+    streamed = predict_streaming(pred, vol)
+    assert np.array_equal(streamed.label.array, full.label.array)

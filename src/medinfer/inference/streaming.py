@@ -58,6 +58,9 @@ __all__ = [
     "window_regions",
 ]
 
+#: largest slab handed to a sink / resampled at once (bytes of float32 values)
+_SINK_BYTES = 32 * 2**20
+
 #: ``sink(final_logits (K, r1 - r0, *rest) float32, r0, r1)``: rows r0..r1 of axis 0 final
 Sink = Callable[["torch.Tensor", int, int], None]
 
@@ -218,17 +221,20 @@ def stream_logits(
             if upto <= done_rows:
                 return
             a, b = done_rows - base, upto - base
-            slab = acc[:, a:b].to(torch.float32) if acc_dtype != torch.float32 else acc[:, a:b]
-            if acc_dtype == torch.float32:
-                final = slab.div(count[done_rows:upto])
-            else:
-                final = torch.div(acc[:, a:b], count[done_rows:upto]).to(torch.float32)
-            sink(final, done_rows, upto)
+            # final values in place: the same division as the full-volume engine
+            acc[:, a:b].div_(count[done_rows:upto])
+            k, rest_n = int(acc.shape[0]), math.prod(rest)
+            step = max(1, _SINK_BYTES // max(k * rest_n * 4, 1))
+            for r in range(a, b, step):
+                r1 = min(b, r + step)
+                piece = acc[:, r:r1]
+                sink(piece if acc_dtype == torch.float32 else piece.to(torch.float32),
+                     base + r, base + r1)
             done_rows = upto
-            # move the still-open rows to the front of the accumulator
-            keep = acc.shape[1] - b
-            if keep > 0:
-                acc[:, :keep] = acc[:, b:].clone()
+            # move the still-open rows to the front (row by row: no full-size temporary)
+            keep = int(acc.shape[1]) - b
+            for i in range(max(keep, 0)):
+                acc[:, i].copy_(acc[:, b + i])
             acc[:, max(keep, 0):] = 0
             base = upto
 
@@ -359,46 +365,58 @@ class SlabExporter:
         self.need_lo = np.minimum(p.i0, p.i1)
         self.emitted = np.zeros(self.out_shape[self.c0], dtype=bool)
         self.model_rows = int(model_rows)
-        self.buf: np.ndarray | None = None
-        self.buf_base = 0
+        self.chunks: list[tuple[int, np.ndarray]] = []
         self.peak_buffer_bytes = 0
 
     def __call__(self, slab: torch.Tensor, r0: int, r1: int) -> None:
-        """Take final model rows ``[r0, r1)`` (``(K, r1 - r0, *rest)`` float32)."""
+        """Take final model rows ``[r0, r1)`` (``(K, r1 - r0, *rest)`` float32).
+
+        The values are copied (the caller may reuse ``slab``'s memory afterwards).
+        """
         import torch
 
         vals = self.to_values(slab) if self.to_values is not None else slab
-        arr = vals.detach().to("cpu", torch.float32).numpy()
-        if self.buf is None:
-            self.buf, self.buf_base = np.ascontiguousarray(arr), r0
-        else:
-            self.buf = np.concatenate([self.buf, arr], axis=1)
-        self.peak_buffer_bytes = max(self.peak_buffer_bytes, self.buf.nbytes)
+        arr = np.array(vals.detach().to("cpu", torch.float32).numpy(), dtype=np.float32,
+                       copy=True)
+        self.chunks.append((r0, arr))
+        held = sum(c.nbytes for _, c in self.chunks)
+        self.peak_buffer_bytes = max(self.peak_buffer_bytes, held)
         ready = (~self.emitted) & (self.need_hi < r1)
         if r1 >= self.model_rows:
             ready = ~self.emitted
         idx = np.flatnonzero(ready)
         if idx.size:
-            # contiguous runs (the map is monotonic, so normally one run)
+            # contiguous runs (the map is monotonic, so normally one run), in pieces
+            per_row = arr.shape[0] * math.prod(
+                s for c, s in enumerate(self.out_shape) if c != self.c0) * 4
+            step = max(1, _SINK_BYTES // max(per_row, 1))
             breaks = np.flatnonzero(np.diff(idx) != 1) + 1
             for run in np.split(idx, breaks):
-                self._emit(int(run[0]), int(run[-1]) + 1)
+                for t0 in range(int(run[0]), int(run[-1]) + 1, step):
+                    self._emit(t0, min(int(run[-1]) + 1, t0 + step))
             self.emitted[idx] = True
         # drop model rows no longer needed
         left = np.flatnonzero(~self.emitted)
         keep_from = int(self.need_lo[left].min()) if left.size else r1
-        drop = min(max(keep_from - self.buf_base, 0), self.buf.shape[1])
-        if drop:
-            self.buf = self.buf[:, drop:].copy()
-            self.buf_base += drop
+        self.chunks = [(c0, c) for c0, c in self.chunks if c0 + c.shape[1] > keep_from]
+
+    def _rows(self, lo: int, hi: int) -> np.ndarray:
+        """Model rows ``[lo, hi)`` from the held chunks, ``(K, hi - lo, *rest)``."""
+        parts = []
+        for c0, c in self.chunks:
+            a, b = max(lo, c0), min(hi, c0 + c.shape[1])
+            if a < b:
+                parts.append(c[:, a - c0:b - c0])
+        if not parts or sum(p.shape[1] for p in parts) != hi - lo:
+            raise RuntimeError(f"streaming export: model rows {lo}..{hi} not held")
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
     def _emit(self, t0: int, t1: int) -> None:
         from medinfer.transforms import spatial as sp
 
-        assert self.buf is not None
         c0 = self.c0
         lo, hi, p0 = self.plans[c0].sub(t0, t1)
-        block = self.buf[:, lo - self.buf_base:hi - self.buf_base]
+        block = self._rows(lo, hi)
         # model axes -> output axis order (a view)
         block = block.transpose(0, *(self.perm[c] + 1 for c in range(3)))
         sub = list(self.plans)
