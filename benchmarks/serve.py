@@ -51,6 +51,21 @@ def _percentile(values: list[float], q: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
+def _crop(scan: Path, n: int, out: Path) -> Path:
+    """Central ``n``^3 block of ``scan`` with its affine moved accordingly (same frame)."""
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.load(str(scan))
+    data = np.asanyarray(img.dataobj)
+    lo = [max(0, s // 2 - n // 2) for s in data.shape[:3]]
+    block = np.ascontiguousarray(data[lo[0]:lo[0] + n, lo[1]:lo[1] + n, lo[2]:lo[2] + n])
+    aff = img.affine.copy()
+    aff[:3, 3] = (img.affine @ [*lo, 1])[:3]
+    nib.save(nib.Nifti1Image(block, aff), str(out))
+    return out
+
+
 def direct(model: str, scan: Path, repeats: int, threads: int) -> list[float]:
     """Seconds per direct load + predict + summary (after one warm-up call)."""
     import torch
@@ -97,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="demo-brain")
     ap.add_argument("--scan", type=Path, default=REPO / "samples" / "t1_sample.nii.gz")
+    ap.add_argument("--crop", type=int, default=0,
+                    help="use the central N^3 voxels of the scan (0 = whole scan)")
     ap.add_argument("--repeats", type=int, default=5, help="direct and 1-client calls")
     ap.add_argument("--per-client", type=int, default=2, help="requests per client at 4, 16")
     ap.add_argument("--workers", type=int, default=2, help="MEDINFER_WORKERS of the server")
@@ -105,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     store = Path(tempfile.mkdtemp(prefix="medinfer-bench-"))
+    if args.crop:
+        args.scan = _crop(args.scan, args.crop, store / f"crop{args.crop}.nii.gz")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, MEDINFER_MODEL=args.model, MEDINFER_DEVICE="cpu",
@@ -138,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         if proc.poll() is None:
             proc.kill()
     d50 = statistics.median(base)
-    print(f"model {args.model}, scan {args.scan.name}, server workers {args.workers}, "
+    import nibabel as nib
+
+    shape = "x".join(str(d) for d in nib.load(str(args.scan)).shape)
+    print(f"model {args.model}, scan {args.scan.name} ({shape}), server workers {args.workers}, "
           f"torch threads {args.threads}, CPU count {os.cpu_count()}")
     print()
     print("| path | clients | requests | requests/s | p50 latency (s) | p95 latency (s) |")

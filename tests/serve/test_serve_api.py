@@ -122,7 +122,7 @@ def test_health_docs_and_model_card(server: Server, http: httpx.Client) -> None:
     card = http.get("/v1/models").json()["models"][0]
     assert card["name"] == DEMO_MODEL
     names = {v["name"].lower() for v in card["labels"].values()}
-    assert {"background", "csf", "grey matter", "white matter"} <= names
+    assert {"background", "cerebrospinal fluid", "grey matter", "white matter"} <= names
     assert card["input"]["modality"] == "MR"
     cors = httpx.options(server.url + "/v1/models", headers={
         "Origin": "http://localhost:8501", "Access-Control-Request-Method": "GET"})
@@ -137,7 +137,7 @@ def test_sync_predict_json_and_binary(http: httpx.Client, scan: Path, predicted:
     assert predicted["shape"] == list(src.shape)
     np.testing.assert_allclose(predicted["affine"], src.affine, atol=1e-4)
     by_name = {lab["name"].lower(): lab for lab in predicted["labels"]}
-    assert {"csf", "grey matter", "white matter"} <= set(by_name)
+    assert {"cerebrospinal fluid", "grey matter", "white matter"} <= set(by_name)
     assert by_name["grey matter"]["voxels"] > 0 and by_name["white matter"]["voxels"] > 0
     assert "inference" in predicted["timings"]
 

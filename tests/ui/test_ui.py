@@ -129,7 +129,7 @@ def test_ui_in_headless_chromium(tmp_path: Path) -> None:
                                                                  timeout=120_000)
                 table = page.locator("table").first
                 expect(table).to_contain_text("white matter", timeout=240_000)
-                for name in ("csf", "grey matter", "white matter"):
+                for name in ("cerebrospinal fluid", "grey matter", "white matter"):
                     expect(table).to_contain_text(name)
                 expect(page.get_by_text(f"- {expected}")).to_be_visible()
                 images = page.locator("[data-testid=stImage] img")
