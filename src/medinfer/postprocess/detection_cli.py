@@ -198,7 +198,7 @@ def predict_detection(
     model : bundled model name or model folder; None = ``model.name`` of the config.
     config : detection YAML (``docs/detection.md``) or None for defaults.
     output_dir : folder for the results (created).
-    device : ``auto``, ``cpu``, ``cuda``...; overrides ``model.device`` unless empty.
+    device : ``cpu``, ``cuda``...; overrides ``model.device`` unless empty or ``auto``.
     overrides : CLI flags (see :func:`medinfer.postprocess.detection_config.apply_overrides`);
         ``series_uid`` selects a DICOM series; ``save_probabilities``, ``overlay`` and
         ``verbose`` are ignored (outputs follow ``output.formats``).
@@ -228,7 +228,8 @@ def predict_detection(
     if str(card.task.value) != "detection":
         raise ModelError(f"model {card.name!r}: task is {card.task.value!r}; detection "
                          "outputs need a model card with task: detection")
-    net = load_model(card, model_dir, device or cfg.model.device)
+    dev = cfg.model.device if device in (None, "", "auto") else device
+    net = load_model(card, model_dir, dev)
     calibration = load_calibration(cfg)
     categories = calibration.category_names
     files = collect_inputs(inputs)
