@@ -166,3 +166,24 @@ def test_invalid_options(net: torch.nn.Module) -> None:
         sliding_window_inference(x, net, PATCH, tta_axes=(3,))
     with pytest.raises(ModelError, match="model output shape"):
         sliding_window_inference(x, lambda t: t[:, :, ::2], PATCH)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 23, 9, 12), (1, 2, 7, 5, 9)])
+def test_slabs_are_final_when_reported(net: torch.nn.Module, shape: tuple[int, ...]) -> None:
+    """on_slab reports contiguous axis-0 slabs whose values no later window changes."""
+    x = torch.randn(*shape)
+    snaps: list[tuple[int, int, int, torch.Tensor]] = []
+
+    def on_slab(i: int, lo: int, hi: int, slab: torch.Tensor) -> None:
+        snaps.append((i, lo, hi, slab.clone()))
+
+    out = sliding_window_inference(x, net, PATCH, overlap=0.5, batch_size=2, on_slab=on_slab)
+    for i in range(shape[0]):
+        mine = [(lo, hi, v) for j, lo, hi, v in snaps if j == i]
+        assert mine[0][0] == 0 and mine[-1][1] == shape[2]
+        assert all(a[1] == b[0] for a, b in zip(mine, mine[1:], strict=False))
+        for lo, hi, v in mine:
+            assert torch.equal(v, out[i, :, lo:hi])
+    assert [s[0] for s in snaps] == sorted(s[0] for s in snaps)
+    if shape[2] > PATCH[0]:
+        assert len(snaps) > shape[0]  # really several slabs per image

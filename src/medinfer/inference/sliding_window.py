@@ -4,8 +4,9 @@ Numerically it reproduces MONAI's :func:`monai.inferers.sliding_window_inference
 (same window grid, same Gaussian importance map, same weighted-average blending), to
 float32 rounding. It differs in how it spends memory and time:
 
-- the importance map is computed once per call and the normalisation map (sum of
-  weights per voxel, one channel) once per window plan, not per image;
+- the importance map is computed once per call; there is no full-size normalisation
+  map: each slab along axis 0 is divided by its own sum of weights (a slab-sized
+  buffer) as soon as no later window touches it;
 - the output ``(N, K, *spatial)`` is preallocated once at the **unpadded** size and
   every window is accumulated in place (``addcmul_``): no per-window products, no
   padded copy of the input (only windows that reach into the padding are padded);
@@ -13,9 +14,9 @@ float32 rounding. It differs in how it spends memory and time:
   the network runs under CUDA autocast (float16) on GPU;
 - windows are scheduled in lexicographic order of their start, first spatial axis
   slowest (:class:`WindowPlan`), so that every voxel along axis 0 before
-  ``WindowPlan.final_before(n)`` is final after the first ``n`` window rows -- the
-  hook for slab-wise streaming (finalise, resample and argmax a slab as soon as no
-  later window touches it).
+  ``WindowPlan.final_before(n)`` is final after the first ``n`` window rows; the
+  ``on_slab`` callback reports each final slab -- the hook for slab-wise streaming
+  (resample and argmax a slab as soon as no later window touches it).
 
 Test-time augmentation mirrors each window (all 2^n combinations of the given axes,
 as nnU-Net's mirroring) and averages the un-mirrored logits before blending.
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
 MIN_IMPORTANCE = 1e-3
 
 ProgressFn = Callable[[float], None]
+#: ``on_slab(image_index, start, stop, slab)``: ``slab`` = output[image, :, start:stop]
+#: (a view, ``(K, stop - start, *spatial[1:])``) is final
+SlabFn = Callable[[int, int, int, "torch.Tensor"], None]
 _Index = tuple[Any, ...]
 
 
@@ -179,6 +183,7 @@ def sliding_window_inference(
     size_divisible: int = 1,
     pad_value: float = 0.0,
     progress: ProgressFn | None = None,
+    on_slab: SlabFn | None = None,
 ) -> torch.Tensor:
     """Run ``model`` over ``inputs`` window by window and blend the logits.
 
@@ -203,6 +208,10 @@ def sliding_window_inference(
     size_divisible, pad_value : padding of the whole volume / of windows that reach
         beyond a volume smaller than the patch (centred, as MONAI).
     progress : called with the fraction of windows done (0..1, increasing).
+    on_slab : sliding-window mode only: called as ``on_slab(n, start, stop, slab)`` as
+        soon as ``slab = output[n, :, start:stop]`` (a view ``(K, stop - start, ...)``;
+        slabs in order along axis 0) is final, i.e. no later window touches it -- the
+        hook for slab-wise post-processing (streaming). Do not modify ``slab``.
 
     Returns
     -------
@@ -268,7 +277,7 @@ def sliding_window_inference(
             return _whole_volume(inputs, run, patch, size_divisible, pad_value, batch_size,
                                  dev, progress)
         return _sliding(inputs, run, patch, ovl, blend, sigma_scale, batch_size, dev,
-                        pad_value, progress)
+                        pad_value, progress, on_slab)
 
 
 def _pad_spec(size: Sequence[int], target: Sequence[int]) -> list[tuple[int, int]]:
@@ -326,6 +335,7 @@ def _sliding(
     dev: torch.device,
     pad_value: float,
     progress: ProgressFn | None,
+    on_slab: SlabFn | None = None,
 ) -> torch.Tensor:
     import torch
 
@@ -352,16 +362,36 @@ def _sliding(
             i_l.append(slice(clo, chi))
         regions.append((tuple(d_l), tuple(s_l), tuple(i_l)))
 
-    # normalisation map: sum of weights per voxel (one channel, computed once)
-    with torch.inference_mode(False):
-        count = torch.zeros(size, dtype=torch.float32, device=out_dev)
-    for dst, src, _ in regions:
-        count[dst].add_(weight_out[src])
+    # slabs along axis 0 (unpadded coordinates): slab r is final once row r is done
+    nwin = len(regions)
+    per_row = nwin // len(plan.starts[0])
+    b0 = pads[0][0]
+    bounds = [0] + [min(max(plan.final_before(r + 1) - b0, 0), size[0])
+                    for r in range(len(plan.starts[0]))]
+
+    def normalise_slab(i: int, r: int) -> None:
+        """Divide output slab r of image i by its sum of weights (slab-sized buffer only)."""
+        lo, hi = bounds[r], bounds[r + 1]
+        if hi <= lo or out is None:
+            return
+        count = torch.zeros((hi - lo, *size[1:]), dtype=torch.float32, device=out_dev)
+        for dst, src, _ in regions[: (r + 1) * per_row]:
+            a, b = max(dst[0].start, lo), min(dst[0].stop, hi)
+            if a >= b:
+                continue
+            s0 = src[0].start + (a - dst[0].start)
+            count[(slice(a - lo, b - lo), *dst[1:])].add_(
+                weight_out[(slice(s0, s0 + b - a), *src[1:])])
+        slab = out[i, :, lo:hi]
+        slab.div_(count)
+        if on_slab is not None:
+            on_slab(i, lo, hi, slab)
 
     needs_pad = any(b or a for b, a in pads)
     out: torch.Tensor | None = None
     total = n * len(regions)
     done = 0
+    next_row = 0  # next (image, row) pair to finalise, flattened
     jobs = [(i, r) for i in range(n) for r in regions]
     for j in range(0, total, batch_size):
         batch = jobs[j:j + batch_size]
@@ -389,8 +419,14 @@ def _sliding(
         for k, (i, (dst, src, _)) in enumerate(batch):
             out[(i, slice(None), *dst)].addcmul_(y[(k, slice(None), *src)], weight_out[src])
         done += len(batch)
+        # finalise every row whose last window is done (rows are contiguous in `jobs`)
+        while next_row < n * len(plan.starts[0]):
+            i, r = divmod(next_row, len(plan.starts[0]))
+            if i * nwin + (r + 1) * per_row > done:
+                break
+            normalise_slab(i, r)
+            next_row += 1
         if progress is not None:
             progress(done / total)
     assert out is not None
-    out.div_(count)
     return out
