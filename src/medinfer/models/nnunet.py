@@ -768,7 +768,11 @@ class NnUNetPredictor:
     accumulate : ``float16`` (nnU-Net's precision, default) or ``float32``.
     save_probabilities : also return the softmax (sigmoid for regions) probabilities
         ``(K, I, J, K)`` float32 on the source grid.
-    batch_size : windows per network call.
+    batch_size : windows per network call; ``None`` = automatic: all mirrored copies of
+        a window and several windows go through the network together as long as one
+        call holds at most ``voxel_budget`` input voxels (better use of the CPU/GPU for
+        small patches; same results up to float rounding of the convolutions).
+    voxel_budget : input voxels per network call for the automatic batching.
 
     Raises
     ------
@@ -787,7 +791,8 @@ class NnUNetPredictor:
         step_size: float = 0.5,
         accumulate: str = "float16",
         save_probabilities: bool = False,
-        batch_size: int = 1,
+        batch_size: int | None = None,
+        voxel_budget: int = 2**21,
     ) -> None:
         from medinfer.models.loaders import resolve_device
 
@@ -803,9 +808,10 @@ class NnUNetPredictor:
                               "or 'float32'")
         self.accumulate = accumulate
         self.save_probabilities = save_probabilities
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
-        self.batch_size = int(batch_size)
+        self.batch_size = batch_size
+        self.voxel_budget = int(voxel_budget)
         self.name = self.folder.path.name
         self.version = str(self.folder.dataset.get("name", ""))
 
@@ -858,7 +864,12 @@ class NnUNetPredictor:
         starts = compute_steps(padded, patch, self.step_size)
         weight = compute_gaussian(patch)
         flips = tta_flips(self.mirror_axes if self.tta else ())
-        run = make_tta_runner(self.model, flips, amp=self.device.type == "cuda")
+        per_window = len(flips) * int(np.prod(patch))
+        batch_flips = per_window <= self.voxel_budget
+        batch = self.batch_size or (max(1, self.voxel_budget // per_window) if batch_flips
+                                    else 1)
+        run = make_tta_runner(self.model, flips, amp=self.device.type == "cuda",
+                              batch_flips=batch_flips)
 
         names = self.folder.label_names
         rco = self.folder.regions_class_order
@@ -898,7 +909,7 @@ class NnUNetPredictor:
         acc = torch.float16 if self.accumulate == "float16" else torch.float32
         x = torch.from_numpy(data)
         stream_logits(x, run, patch, starts, weight, exporter, pads=pads,
-                      batch_size=self.batch_size, accumulate_dtype=acc, fused=False,
+                      batch_size=batch, accumulate_dtype=acc, fused=False,
                       device=self.device, progress=lambda f: report("inference", f))
         timings["inference+export"] = time.perf_counter() - t1
         label = Volume(labels[None], volume.affine, {"model": self.name})
