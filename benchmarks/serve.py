@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS",
                                                                       os.cpu_count() or 1)))
     args = ap.parse_args(argv)
+    # same thread settings for the peer (this process) and the server (set before torch loads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    os.environ["MKL_NUM_THREADS"] = str(args.threads)
 
     store = Path(tempfile.mkdtemp(prefix="medinfer-bench-"))
     if args.crop:
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, MEDINFER_MODEL=args.model, MEDINFER_DEVICE="cpu",
                MEDINFER_JOB_STORE=str(store), MEDINFER_WORKERS=str(args.workers),
-               OMP_NUM_THREADS=str(args.threads))
+               OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "medinfer.serve:app",
                              "--host", "127.0.0.1", "--port", str(port),
                              "--log-level", "warning"], env=env, cwd=str(REPO))
