@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 #: ``progress(stage, fraction)``: stage name and overall fraction done in [0, 1]
 StageProgress = Callable[[str, float], None]
 
+#: slices along axis 0 per argmax chunk
+_ARGMAX_SLAB = 16
+
 #: share of the overall progress bar per stage (start, end)
 _SPAN = {"preprocess": (0.0, 0.1), "inference": (0.1, 0.9), "postprocess": (0.9, 1.0)}
 
@@ -208,13 +211,14 @@ class Predictor:
 
         t2 = time.perf_counter()
         out = self.card.output
-        with torch.inference_mode():
+        with torch.inference_mode():  # in place: no second K-channel buffer
             if out.activation is Activation.SOFTMAX:
-                probs_t = torch.softmax(logits, dim=0)
+                logits.sub_(logits.max(dim=0, keepdim=True).values).exp_()
+                logits.div_(logits.sum(dim=0, keepdim=True))
             else:
-                probs_t = torch.sigmoid(logits)
-        probs_model = Volume(probs_t.numpy(), image.affine, {})
-        del logits, probs_t
+                logits.sigmoid_()
+        probs_model = Volume(logits.numpy(), image.affine, {})
+        del logits
         report("postprocess", 0.2)
         probs = to_source_grid(probs_model, record, interpolation="linear")
         del probs_model
@@ -231,7 +235,9 @@ class Predictor:
             heatmap = probs.with_array(heat[None])
         elif out.activation is Activation.SOFTMAX:
             values = np.array(sorted(self.card.labels), dtype=dtype)
-            labels = values[np.argmax(p, axis=0)]
+            labels = np.empty(p.shape[1:], dtype=dtype)
+            for a in range(0, p.shape[1], _ARGMAX_SLAB):  # no full-size int64 index array
+                labels[a:a + _ARGMAX_SLAB] = values[np.argmax(p[:, a:a + _ARGMAX_SLAB], axis=0)]
         else:
             values = np.array(self.card.foreground_values, dtype=dtype)
             best = np.argmax(p, axis=0)
