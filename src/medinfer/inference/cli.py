@@ -175,7 +175,8 @@ def _overlay_function() -> Any:
 def _label_table(name: str, pred: Prediction) -> Any:
     from rich.table import Table
 
-    table = Table(title=f"{name}: label volumes ({pred.model_name} {pred.model_version})")
+    table = Table(title=f"{name}: label volumes",
+                  caption=f"model {pred.model_name} {pred.model_version}")
     table.add_column("label", justify="right")
     table.add_column("name")
     table.add_column("voxels", justify="right")
