@@ -9,7 +9,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from _serve_support import REPO, make_scan, make_tiny_model
-from fastapi.testclient import TestClient
 
 from medinfer.errors import ConfigError
 from medinfer.serve.application import create_app
@@ -110,6 +109,12 @@ def test_cli_serve_bad_settings_exit_2(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_not_ready_when_the_model_fails_to_load(tmp_path: Path) -> None:
+    import warnings
+
+    with warnings.catch_warnings():  # starlette's note about its httpx-based TestClient
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+
     settings = load_settings(model=str(tmp_path / "no-such-model"), job_store=tmp_path / "s")
     with TestClient(create_app(settings)) as client:
         assert client.get("/health/live").status_code == 200
