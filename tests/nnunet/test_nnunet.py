@@ -162,3 +162,16 @@ def test_steps_match_nnunet_rule() -> None:
     # the example of nnU-Net's compute_steps_for_sliding_window docstring
     assert compute_steps([110], [64], 0.5) == [[0, 23, 46]]
     assert compute_steps([64, 20], [64, 20], 0.5) == [[0], [0]]
+
+
+def test_open_predictor_dispatch(model_folder: Path, inputs: Path) -> None:
+    from medinfer.inference.batch import open_predictor
+
+    card, pred = open_predictor(str(model_folder), device="cpu", tta=False, folds=[0])
+    assert isinstance(pred, NnUNetPredictor) and not pred.tta
+    assert {v: s.name for v, s in card.labels.items()} == {0: "background", 1: "bright",
+                                                           2: "dark"}
+    out = pred.predict(load_case(inputs, "aligned"))
+    assert {s.name for s in out.statistics} == {"bright", "dark"}
+    with pytest.raises(ConfigError, match="nnU-Net model folders only"):
+        open_predictor("demo-nodules", folds=[0])

@@ -66,3 +66,34 @@ def test_load_error_and_empty() -> None:
     with pytest.raises(OSError, match="unreadable"):
         run_batch([0, 1], load, lambda i, v: v, lambda i, v, p: i)
     assert run_batch([], load, lambda i, v: v, lambda i, v, p: i) == []
+
+
+def test_open_predictor_card_streams_by_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+    import torch
+    import yaml
+
+    from medinfer.errors import ConfigError
+    from medinfer.inference import Predictor
+    from medinfer.inference.batch import StreamingPredictor, open_predictor
+    from medinfer.volume import Volume
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1)).eval()
+    torch.jit.save(torch.jit.trace(net, torch.zeros(1, 1, 8, 8, 8)), str(tmp_path / "m.ts"))
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump({
+        "name": "tiny", "labels": {i: {"name": f"c{i}"} for i in range(4)},
+        "input": {"orientation": "LPS", "spacing": [1.5, 1.5, 2.0]},
+        "inference": {"patch_size": [8, 8, 8], "overlap": 0.25},
+        "weights": {"format": "torchscript", "file": "m.ts"},
+    }))
+    card, pred = open_predictor(str(tmp_path), device="cpu")
+    assert isinstance(pred, StreamingPredictor) and card.name == "tiny"
+    _, full = open_predictor(str(tmp_path), device="cpu", stream=False)
+    assert isinstance(full, Predictor)
+    rng = np.random.default_rng(0)
+    aff = np.diag([0.9, 1.1, 2.5, 1.0])
+    vol = Volume(rng.normal(size=(20, 17, 9)).astype(np.float32), aff, {})
+    assert np.array_equal(pred.predict(vol).label.array, full.predict(vol).label.array)
+    with pytest.raises(ConfigError, match="nnU-Net model folders only"):
+        open_predictor(str(tmp_path), checkpoint="best")

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 C = TypeVar("C")  # a case (e.g. an input path)
 V = TypeVar("V")  # a loaded case (e.g. a Volume)
 P = TypeVar("P")  # a prediction
 R = TypeVar("R")  # what writing returns (e.g. output paths)
 
-__all__ = ["BatchRunner", "run_batch"]
+__all__ = ["BatchRunner", "StreamingPredictor", "open_predictor", "run_batch"]
 
 
 class BatchRunner(Generic[C, V, P, R]):
@@ -102,3 +102,84 @@ def run_batch(
 ) -> list[R]:
     """Shortcut for ``BatchRunner(load, infer, write, on_done).run(cases)``."""
     return BatchRunner(load, infer, write, on_done).run(cases)
+
+
+class StreamingPredictor:
+    """A :class:`~medinfer.inference.Predictor` whose ``predict`` streams.
+
+    ``predict(volume, progress)`` is :func:`medinfer.inference.streaming.predict_streaming`
+    (float32 accumulation: the same labels as the full-volume path, peak memory of one
+    slab); detection and whole-volume models fall back to the full-volume path.
+    """
+
+    def __init__(self, predictor: Any) -> None:
+        self.predictor = predictor
+        self.card = predictor.card
+
+    def predict(self, volume: Any, progress: Callable[[str, float], None] | None = None
+                ) -> Any:
+        from medinfer.inference.streaming import predict_streaming
+
+        return predict_streaming(self.predictor, volume, progress)
+
+
+def open_predictor(
+    model: str,
+    *,
+    device: str = "auto",
+    tta: bool | None = None,
+    overlap: float | None = None,
+    batch_size: int | None = None,
+    save_probabilities: bool = False,
+    stream: bool = True,
+    folds: Sequence[int | str] | None = None,
+    checkpoint: str = "final",
+    trust_model_code: bool = False,
+) -> tuple[Any, Any]:
+    """Open any supported model for ``medinfer predict``: ``(display card, predictor)``.
+
+    ``model`` is a medinfer model folder / ``model.yaml`` / bundled name, an nnU-Net v2
+    model folder (``dataset.json`` + ``plans.json`` + ``fold_*``) or a MONAI bundle
+    (``configs/metadata.json``). The predictor has ``predict(volume, progress) ->
+    Prediction``; the card gives label names and colours for tables, overlays and
+    ``<case>_stats.json``.
+
+    Parameters
+    ----------
+    tta : None = the model's default (card axes; nnU-Net: on); False/True.
+    stream : medinfer cards: streaming engine (exact, lean; default) or the full-volume
+        path. nnU-Net folders always stream; MONAI bundles run their own inferer.
+    folds, checkpoint : nnU-Net only (default: all folds, ``final``).
+    trust_model_code : MONAI bundles only; required to run their config code.
+
+    Raises
+    ------
+    ModelError, ConfigError
+        Unknown model, invalid files or options (e.g. ``--folds`` for a medinfer card).
+    """
+    from medinfer.errors import ConfigError
+    from medinfer.models.monai_bundle import MonaiBundle, is_monai_bundle
+    from medinfer.models.nnunet import NnUNetPredictor, is_nnunet_folder
+
+    if is_nnunet_folder(model):
+        if overlap is not None and not 0.0 <= overlap < 1.0:
+            raise ConfigError(f"overlap: expected 0 <= overlap < 1, got {overlap}")
+        nn = NnUNetPredictor(model, folds=folds, checkpoint=checkpoint, device=device,
+                             tta=True if tta is None else tta,
+                             step_size=0.5 if overlap is None else 1.0 - overlap,
+                             save_probabilities=save_probabilities, batch_size=batch_size)
+        return nn.card, nn
+    if folds is not None or checkpoint != "final":
+        raise ConfigError(f"--folds / --checkpoint apply to nnU-Net model folders only; "
+                          f"{model!r} is not one (dataset.json, plans.json, fold_*/)")
+    if is_monai_bundle(model):
+        bundle = MonaiBundle(model, trust_model_code=trust_model_code, device=device)
+        return bundle.card, bundle
+    from medinfer.inference.predictor import Predictor
+    from medinfer.models.loaders import load_model, resolve_model
+
+    card, model_dir = resolve_model(model)
+    net = load_model(card, model_dir, device)
+    pred = Predictor(card, net, device=device, tta=tta, overlap=overlap,
+                     batch_size=batch_size, save_probabilities=save_probabilities)
+    return card, (StreamingPredictor(pred) if stream else pred)
