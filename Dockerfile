@@ -15,7 +15,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/medinfer \
     PATH=/opt/medinfer/bin:$PATH \
     MEDINFER_JOB_STORE=/var/lib/medinfer \
-    MEDINFER_MODEL=demo-brain \
+    MEDINFER_MODEL=/opt/medinfer-zoo/demo-brain \
     MEDINFER_DEVICE=auto
 
 # CUDA bases are plain Ubuntu: bring Python 3.11 in; python:3.11-slim already has it.
@@ -36,7 +36,11 @@ RUN pip install --upgrade pip && \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install ".[serve,onnx]" && rm -rf /src
+RUN pip install ".[serve,onnx]" && \
+    mkdir -p /opt/medinfer-zoo && cp -r src/medinfer/models/zoo/. /opt/medinfer-zoo/ && \
+    rm -rf /src
+# the bundled models (model.yaml + weights) are copied explicitly: weight files are not
+# package data. Mount another model folder and set MEDINFER_MODEL to serve it.
 
 USER medinfer
 WORKDIR /var/lib/medinfer
