@@ -16,6 +16,8 @@ from medinfer import io
 from medinfer.errors import ModelError
 from medinfer.models.monai_bundle import MonaiBundle, is_monai_bundle
 
+pytestmark = pytest.mark.timeout(1200)
+
 INFERENCE = {
     "imports": ["$import glob", "$import os"],
     "bundle_root": ".",

@@ -34,6 +34,9 @@ from medinfer.models.nnunet import (
 )
 from medinfer.volume import Volume
 
+# first run on a fresh machine: creates the nnU-Net environment and trains the model
+pytestmark = pytest.mark.timeout(2400)
+
 CASES = {
     # on the training grid (axis-aligned, the training spacing)
     "aligned": ((44, 14, 40), SPACING, None),

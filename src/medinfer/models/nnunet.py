@@ -771,7 +771,8 @@ class NnUNetPredictor:
     batch_size : windows per network call; ``None`` = automatic: all mirrored copies of
         a window and several windows go through the network together as long as one
         call holds at most ``voxel_budget`` input voxels (better use of the CPU/GPU for
-        small patches; same results up to float rounding of the convolutions).
+        small patches; same results up to float rounding of the convolutions), and at
+        most ``16 * voxel_budget`` output logits (``K`` classes x voxels) per call.
     voxel_budget : input voxels per network call for the automatic batching.
 
     Raises
@@ -864,10 +865,12 @@ class NnUNetPredictor:
         starts = compute_steps(padded, patch, self.step_size)
         weight = compute_gaussian(patch)
         flips = tta_flips(self.mirror_axes if self.tta else ())
+        # automatic batching, bounded by input voxels and by output logits per call
         per_window = len(flips) * int(np.prod(patch))
-        batch_flips = per_window <= self.voxel_budget
-        batch = self.batch_size or (max(1, self.voxel_budget // per_window) if batch_flips
-                                    else 1)
+        out_budget = 16 * self.voxel_budget // max(self.folder.num_heads, 1)
+        budget = min(self.voxel_budget, out_budget)
+        batch_flips = per_window <= budget
+        batch = self.batch_size or (max(1, budget // per_window) if batch_flips else 1)
         run = make_tta_runner(self.model, flips, amp=self.device.type == "cuda",
                               batch_flips=batch_flips)
 
