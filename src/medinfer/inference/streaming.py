@@ -555,7 +555,11 @@ def predict_streaming(
                 f"model {card.name!r}: network gives {int(x.shape[0])} output channel(s), the "
                 f"card's labels and output.activation={card.output.activation.value} imply {k}"
             )
-        return torch.softmax(x, dim=0) if softmax else torch.sigmoid(x)
+        if not softmax:
+            return torch.sigmoid(x)
+        # the same operations as Predictor.predict (max-shifted exp, divided by the sum)
+        y = x.sub(x.max(dim=0, keepdim=True).values).exp_()
+        return y.div_(y.sum(dim=0, keepdim=True))
 
     def to_labels(p: np.ndarray) -> np.ndarray:
         best = np.argmax(p, axis=0)
