@@ -56,18 +56,10 @@ def scan(work: Path) -> Path:
     return path
 
 
-_ZOO = Path(__file__).resolve().parents[2] / "src/medinfer/models/zoo"
-if not (_ZOO / DEMO_MODEL / "model.yaml").is_file():  # TEMPORARY until demo-brain lands
-    DEMO_MODEL = "tiny-seg"
-
-
 @pytest.fixture(scope="module")
 def server(work: Path) -> Iterator[Server]:
-    from _serve_support import make_tiny_model
-
-    model = DEMO_MODEL if DEMO_MODEL != "tiny-seg" else str(make_tiny_model(work / "tiny"))
     env = {
-        "MEDINFER_MODEL": model,
+        "MEDINFER_MODEL": DEMO_MODEL,
         "MEDINFER_JOB_STORE": str(work / "store"),
         "MEDINFER_API_KEYS": f"{KEY},another-key",
         "MEDINFER_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),

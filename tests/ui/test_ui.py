@@ -21,7 +21,6 @@ from _serve_support import (
     SAMPLE_T1,
     Server,
     free_port,
-    make_tiny_model,
     oblique_affine,
 )
 
@@ -34,7 +33,6 @@ from medinfer.ui.render import (
 )
 
 CHROMIUM = "/usr/bin/chromium"
-_ZOO = REPO / "src/medinfer/models/zoo"
 
 
 def test_display_frame_and_overlay_colours() -> None:
@@ -108,11 +106,7 @@ def test_ui_in_headless_chromium(tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     assert Path(CHROMIUM).is_file(), "Debian chromium is required (apt-get install chromium)"
-    if (_ZOO / DEMO_MODEL / "model.yaml").is_file():
-        model, expected = DEMO_MODEL, DEMO_MODEL
-    else:  # TEMPORARY until demo-brain lands
-        model, expected = str(make_tiny_model(tmp_path / "tiny")), "tiny-seg"
-    api = Server({"MEDINFER_MODEL": model, "MEDINFER_JOB_STORE": str(tmp_path / "store"),
+    api = Server({"MEDINFER_MODEL": DEMO_MODEL, "MEDINFER_JOB_STORE": str(tmp_path / "store"),
                   "MEDINFER_API_KEYS": "ui-key"}, tmp_path / "api.log")
     try:
         api.wait_ready()
@@ -131,7 +125,7 @@ def test_ui_in_headless_chromium(tmp_path: Path) -> None:
                 expect(table).to_contain_text("white matter", timeout=240_000)
                 for name in ("cerebrospinal fluid", "grey matter", "white matter"):
                     expect(table).to_contain_text(name)
-                expect(page.get_by_text(f"- {expected}")).to_be_visible()
+                expect(page.get_by_text(f"- {DEMO_MODEL}")).to_be_visible()
                 images = page.locator("[data-testid=stImage] img")
                 expect(images).to_have_count(3, timeout=60_000)
                 for i in range(3):
