@@ -148,6 +148,45 @@ class LesionAtlas:
         self._cand_depth = self.tissue_distance[tuple(deep.T)]
         self._cand_world = ct.voxel_to_world(deep)
 
+    def lesion_like_mask(self, min_hu: float = DENSITY_RANGE_HU[0],
+                         min_diameter_mm: float = DIAMETER_RANGE_MM[0],
+                         margin_mm: float = 2.0) -> np.ndarray:
+        """Atlas voxels of host structures that look like lesions (bool, atlas grid).
+
+        The head CT contains a few bright structures (calcifications, dense vessels) of
+        ``>= min_hu`` HU whose 26-connected components reach an equivalent diameter of at
+        least ``min_diameter_mm``: a detector of synthetic lesions legitimately fires on
+        them. Evaluations treat predictions inside these components (grown by
+        ``margin_mm``) as *irrelevant findings* — neither true nor false positives — as
+        LUNA16 does for annotated non-nodule findings.
+        """
+        import cc3d
+
+        bright = self.array >= min_hu
+        labels = cc3d.connected_components(bright, connectivity=26)
+        counts = np.bincount(labels.ravel())
+        vox = float(abs(np.linalg.det(self.ct.affine[:3, :3])))
+        min_vox = math.pi / 6.0 * min_diameter_mm**3 / vox
+        keep = np.flatnonzero(counts >= min_vox)
+        keep = keep[keep != 0]
+        mask = np.isin(labels, keep)
+        iters = int(math.ceil(margin_mm / float(np.min(self.ct.spacing))))
+        if iters > 0 and mask.any():
+            mask = ndimage.binary_dilation(mask, iterations=iters)
+        return np.asarray(mask)
+
+    def is_lesion_like(self, points_ras: npt.ArrayLike, mask: np.ndarray | None = None
+                       ) -> np.ndarray:
+        """For RAS+ mm points ``(N, 3)``: True where the nearest atlas voxel is in
+        :meth:`lesion_like_mask` (points outside the atlas: False)."""
+        m = self.lesion_like_mask() if mask is None else mask
+        p = np.atleast_2d(np.asarray(points_ras, dtype=np.float64))
+        vox = np.rint(p @ self._inv[:3, :3].T + self._inv[:3, 3]).astype(int)
+        inside = np.all((vox >= 0) & (vox < np.array(m.shape)), axis=1)
+        out = np.zeros(len(p), dtype=bool)
+        out[inside] = m[tuple(vox[inside].T)]
+        return out
+
     @classmethod
     def from_file(cls, path: str | Path) -> LesionAtlas:
         """Load the atlas from a NIfTI file."""
