@@ -16,6 +16,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from medinfer.io import save
 from medinfer.reporting.detections import CSV_COLUMNS, detection_schema, validate_detections
@@ -40,9 +41,14 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     lesions = [SyntheticLesion(les.center, les.radii, les.rotation, 130.0) for les in lesions]
     scans = tmp_path_factory.mktemp("scans")
     out = tmp_path_factory.mktemp("out")
+    # the empty scan: a 70 mm field of view far from the host CT's lesion-like calcifications
+    far = ndimage.distance_transform_edt(~atlas.lesion_like_mask())
+    depth = far[tuple(atlas._cand_vox.T)]
+    quiet = atlas._cand_world[int(np.argmax(depth))]
     geoms = {}
-    for name, les in (("with", lesions), ("none", [])):
-        aff, shape = random_grid(rng, centre, (130.0, 150.0, 120.0), (1.8, 2.2))
+    for name, les, c, ext in (("with", lesions, centre, (130.0, 150.0, 120.0)),
+                              ("none", [], quiet, (70.0, 70.0, 70.0))):
+        aff, shape = random_grid(rng, c, ext, (1.8, 2.2))
         sc = render_scan(atlas, les, aff, shape, rng, noise_sigma_hu=4.0)
         save(sc.image, scans / f"{name}.nii.gz")
         geoms[name] = (aff, shape)
@@ -94,7 +100,7 @@ def test_schema_rejects_wrong_keys(batch: dict[str, Any]) -> None:
     doc = _doc(batch, "with")
     bad = json.loads(json.dumps(doc))
     bad["detections"][0]["coords"] = bad["detections"][0].pop("coordinates")
-    with pytest.raises(MedinferError, match="coordinates"):
+    with pytest.raises(MedinferError, match="coords"):
         validate_detections(bad)
     bad = json.loads(json.dumps(doc))
     del bad["summary"]["processing_time_seconds"]
