@@ -134,7 +134,7 @@ def test_box_component_properties_permuted_affine() -> None:
     vals[0] = 196.0
     assert f.mean_intensity == pytest.approx(vals.mean())
     assert f.std_intensity == pytest.approx(vals.std())
-    # surface: faces normal to i: 2*(3*8) of area 2*0.5; to j: 2*(4*8) of 1*0.5; to k: 2*(4*3) of 1*2
+    # faces normal to i: 2*(3*8) of 2*0.5 mm2; to j: 2*(4*8) of 1*0.5; to k: 2*(4*3) of 1*2
     area = (48 * 1.0 + 64 * 0.5 + 24 * 2.0) * FACE_AREA_CORRECTION
     expected = math.pi ** (1 / 3) * (6 * n * vox) ** (2 / 3) / area
     assert f.sphericity == pytest.approx(min(expected, 1.0))
