@@ -48,3 +48,14 @@ def test_cli_version_and_usage_error_exit_codes(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["no-such-command"])
     assert exc.value.code == 2
+
+
+def test_atomic_output_gets_umask_permissions(tmp_path: Path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = write_text_atomic(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o644
