@@ -51,11 +51,8 @@ def test_cli_version_and_usage_error_exit_codes(capsys):
 
 
 def test_atomic_output_gets_umask_permissions(tmp_path: Path):
-    import os
+    from medinfer import _atomic
 
-    old = os.umask(0o022)
-    try:
-        out = write_text_atomic(tmp_path / "r.json", "{}")
-    finally:
-        os.umask(old)
-    assert (out.stat().st_mode & 0o777) == 0o644
+    out = write_text_atomic(tmp_path / "r.json", "{}")
+    assert (out.stat().st_mode & 0o777) == 0o666 & ~_atomic._UMASK
+    assert out.stat().st_mode & 0o044  # group/other can read (mkstemp alone gives 0600)

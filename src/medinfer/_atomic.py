@@ -14,9 +14,14 @@ from pathlib import Path
 
 
 def _current_umask() -> int:
-    mask = os.umask(0)
+    # os.umask can only be read by setting it; done once at import, not per write, so
+    # that concurrent writer threads never see a temporarily changed umask
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK = _current_umask()
 
 
 def _suffixes(path: Path) -> str:
@@ -40,7 +45,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     # mkstemp creates mode 0600; give the result the permissions a plain open() would
-    os.chmod(tmp, 0o666 & ~_current_umask())
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield tmp
         os.replace(tmp, final)
