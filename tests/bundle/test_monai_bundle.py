@@ -196,3 +196,33 @@ def test_weights_that_do_not_fit(bundle: Path, tmp_path: Path) -> None:
     torch.save({"nope": torch.zeros(2)}, bad / "models" / "model.pt")
     with pytest.raises(ModelError, match="do not match network_def"):
         MonaiBundle(bad, trust_model_code=True, device="cpu")
+
+
+def _cli(args: list[str]) -> int:
+    from medinfer.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    return int(info.value.code or 0)
+
+
+def test_cli_bundle_needs_trust_then_runs(bundle: Path, scan_file: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from medinfer.models import load_model, resolve_model
+
+    out = tmp_path / "out"
+    code = _cli(["predict", str(scan_file), "--model", str(bundle), "-o", str(out)])
+    assert code == 2
+    assert "--trust-model-code" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+    code = _cli(["predict", str(scan_file), "--model", str(bundle), "--trust-model-code",
+                 "--device", "cpu", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    seg = nib.load(str(out / "case1_seg.nii.gz"))
+    np.testing.assert_allclose(seg.affine, oblique_affine(), atol=1e-5)
+    ref = MonaiBundle(bundle, trust_model_code=True, device="cpu").predict(io.load(scan_file))
+    assert np.array_equal(np.asarray(seg.dataobj), ref.label.array[0])
+    card, d = resolve_model(bundle)  # display card from metadata.json only
+    assert card.labels[1].name == "core"
+    with pytest.raises(ModelError, match="trust_model_code"):
+        load_model(card, d, "cpu")

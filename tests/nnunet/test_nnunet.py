@@ -178,3 +178,50 @@ def test_open_predictor_dispatch(model_folder: Path, inputs: Path) -> None:
     assert {s.name for s in out.statistics} == {"bright", "dark"}
     with pytest.raises(ConfigError, match="nnU-Net model folders only"):
         open_predictor("demo-nodules", folds=[0])
+
+
+def _cli(args: list[str]) -> int:
+    from medinfer.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    return int(info.value.code or 0)
+
+
+def test_cli_predict_nnunet_folder(model_folder: Path, inputs: Path, oracle: dict[bool, Path],
+                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a two-channel case as one 4-D NIfTI (channel = 4th axis)
+    vol = load_case(inputs, "oblique")
+    four_d = tmp_path / "in" / "oblique.nii.gz"
+    four_d.parent.mkdir()
+    save_nifti(np.moveaxis(vol.array, 0, -1), vol.affine, four_d)
+    out = tmp_path / "out"
+    code = _cli(["predict", str(four_d), "--model", str(model_folder), "--folds", "0",
+                 "--checkpoint", "final", "--no-tta", "--device", "cpu", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    seg = nib.load(str(out / "oblique_seg.nii.gz"))
+    ref = nib.load(str(oracle[False] / "oblique.nii.gz"))
+    np.testing.assert_allclose(seg.affine, vol.affine, atol=1e-5)
+    a, b = np.asarray(seg.dataobj), np.asarray(ref.dataobj)
+    assert a.shape == b.shape
+    for v in (1, 2):
+        assert dice(a == v, b == v) >= 0.99
+    stats = json.loads((out / "oblique_stats.json").read_text())
+    assert [lab["name"] for lab in stats["labels"]] == ["bright", "dark"]
+    # bad fold: exit code 2, one message, no output
+    code = _cli(["predict", str(four_d), "--model", str(model_folder), "--folds", "7",
+                 "-o", str(tmp_path / "bad")])
+    assert code == 2
+    assert "fold '7'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+def test_resolve_and_load_model_recognise_nnunet(model_folder: Path) -> None:
+    from medinfer.models import load_model, resolve_model
+
+    card, d = resolve_model(model_folder)
+    assert card.labels[2].name == "dark" and d == model_folder.resolve()
+    net = load_model(card, d, "cpu")  # the raw networks: windows -> mean logits over folds
+    with torch.inference_mode():
+        y = net(torch.zeros(1, 2, 8, 16, 16))
+    assert tuple(y.shape) == (1, 3, 8, 16, 16)

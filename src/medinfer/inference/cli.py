@@ -31,7 +31,6 @@ import typer
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from medinfer.inference.predictor import Predictor
     from medinfer.models.card import ModelCard
     from medinfer.prediction import Prediction
     from medinfer.volume import Volume
@@ -205,8 +204,18 @@ def run_predict(
     config: Path | None = None,
     verbose: bool = False,
     console: Console | None = None,
+    folds: list[str] | None = None,
+    checkpoint: str = "final",
+    trust_model_code: bool = False,
+    stream: bool = True,
 ) -> list[dict[str, Path]]:
     """The body of ``medinfer predict`` (usable from Python); returns written paths per case.
+
+    ``model`` may also be an nnU-Net v2 model folder (``folds``, ``checkpoint``) or a MONAI
+    bundle (needs ``trust_model_code``); see :func:`medinfer.inference.batch.open_predictor`.
+    ``stream`` runs medinfer cards through the streaming engine (same labels, peak memory
+    of one slab). Cases are pipelined: case n+1 is read and case n-1 written while case n
+    is inferred (:func:`medinfer.inference.batch.run_batch`).
 
     Raises
     ------
@@ -217,9 +226,12 @@ def run_predict(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from medinfer import io
-    from medinfer.inference.predictor import Predictor
+    from medinfer.errors import ConfigError
+    from medinfer.inference.batch import open_predictor, run_batch
     from medinfer.models.card import Task
-    from medinfer.models.loaders import load_model, resolve_device, resolve_model
+    from medinfer.models.loaders import resolve_device, resolve_model
+    from medinfer.models.monai_bundle import is_monai_bundle
+    from medinfer.models.nnunet import is_nnunet_folder
 
     out = console or Console()
     err = Console(stderr=True)
@@ -230,47 +242,69 @@ def run_predict(
         "series_uid": series, "tta": tta, "overlap": overlap, "batch_size": batch_size,
         "save_probabilities": save_probabilities, "overlay": overlay, "verbose": verbose,
     }
+    external = model is not None and (is_nnunet_folder(model) or is_monai_bundle(model))
     card: ModelCard | None = None
-    model_dir: Path | None = None
-    if model is not None or config is None:
-        card, model_dir = resolve_model(model or DEFAULT_MODEL)
-    if config is not None or (card is not None and card.task is Task.DETECTION):
-        _delegate_detection(inputs, model, config, output_dir, device, overrides)
-        return []
-    assert card is not None and model_dir is not None
+    if external:
+        if config is not None:
+            raise ConfigError("--config: applies to detection models only, not to nnU-Net "
+                              "folders or MONAI bundles")
+    else:
+        if model is not None or config is None:
+            card, _ = resolve_model(model or DEFAULT_MODEL)
+        if config is not None or (card is not None and card.task is Task.DETECTION):
+            _delegate_detection(inputs, model, config, output_dir, device, overrides)
+            return []
 
     cases = discover_cases(inputs)
-    net = load_model(card, model_dir, device)
-    predictor: Predictor = Predictor(card, net, device=device, tta=tta, overlap=overlap,
-                                     batch_size=batch_size,
-                                     save_probabilities=save_probabilities)
+    card, predictor = open_predictor(
+        model or DEFAULT_MODEL, device=device, tta=tta, overlap=overlap,
+        batch_size=batch_size, save_probabilities=save_probabilities, stream=stream,
+        folds=folds, checkpoint=checkpoint, trust_model_code=trust_model_code)
+    assert card is not None
     written: list[dict[str, Path]] = []
     taken: set[str] = set()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[stage]}"),
                   TimeElapsedColumn(), console=err, transient=True) as bar:
-        for i, case in enumerate(cases, 1):
+
+        # reader thread: read case n+1; this thread: infer case n; writer thread: write n-1
+        def load(item: tuple[int, CaseInput]) -> tuple[Volume, float]:
+            t0 = time.perf_counter()
+            volume = io.load(item[1].path, series_uid=series)
+            return volume, time.perf_counter() - t0
+
+        def infer(item: tuple[int, CaseInput], loaded: tuple[Volume, float]) -> Any:
+            i, case = item
+            volume, t_load = loaded
             task_id = bar.add_task(f"[{i}/{len(cases)}] {case.path.name}", total=1.0,
                                    stage="load")
-            t0 = time.perf_counter()
-            volume = io.load(case.path, series_uid=series)
-            t_load = time.perf_counter() - t0
             name = case_name(case, volume, taken)
 
             def progress(stage: str, fraction: float, _tid: Any = task_id) -> None:
                 bar.update(_tid, completed=fraction, stage=stage)
 
             pred = predictor.predict(volume, progress=progress)
-            t1 = time.perf_counter()
             pred.timings = {"load": t_load, **pred.timings}
             bar.update(task_id, stage="export")
-            paths = write_case(output_dir, name, case, volume, pred, card, overlay=overlay)
+            return name, pred, task_id
+
+        def write(item: tuple[int, CaseInput], loaded: tuple[Volume, float], res: Any) -> Any:
+            name, pred, task_id = res
+            t1 = time.perf_counter()
+            paths = write_case(output_dir, name, item[1], loaded[0], pred, card,
+                               overlay=overlay)
             pred.timings["export"] = time.perf_counter() - t1
+            return paths, name, pred, task_id
+
+        def done(_: int, item: tuple[int, CaseInput], res: Any) -> None:
+            paths, name, pred, task_id = res
             bar.update(task_id, completed=1.0, stage="done")
             bar.remove_task(task_id)
             written.append(paths)
             out.print(_label_table(name, pred))
             if verbose:
                 err.print(_timings_line(pred.timings))
+
+        run_batch(list(enumerate(cases, 1)), load, infer, write, on_done=done)
     out.print(f"Outputs for {len(written)} case(s) written to {output_dir.resolve()}")
     for paths in written:
         out.print("  " + ", ".join(p.name for p in paths.values()))
@@ -316,9 +350,27 @@ def register(app: typer.Typer) -> None:
         config: Path | None = typer.Option(
             None, "--config", help="Detection pipeline config (YAML)."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Print per-stage timings."),
+        folds: list[str] | None = typer.Option(
+            None, "--folds",
+            help="nnU-Net folds to ensemble, e.g. --folds 0,1,2 (or --folds 0 --folds 1) "
+                 "[default: all present]."),
+        checkpoint: str = typer.Option(
+            "final", "--checkpoint", help="nnU-Net checkpoint: final or best."),
+        trust_model_code: bool = typer.Option(
+            False, "--trust-model-code",
+            help="Allow a MONAI bundle's config to run its code ($ expressions, _target_)."),
+        stream: bool = typer.Option(
+            True, "--stream/--no-stream",
+            help="Streaming engine (same labels, peak memory of one slab) or full volume."),
     ) -> None:
-        """Run a model on scans; write label maps, statistics and (optionally) more."""
+        """Run a model on scans; write label maps, statistics and (optionally) more.
+
+        --model may be a medinfer model folder / model.yaml / bundled name, an nnU-Net v2
+        model folder (<Trainer>__<Plans>__<configuration>) or a MONAI bundle folder.
+        """
+        fold_list = [f for v in folds or [] for f in v.replace(",", " ").split()] or None
         run_predict(inputs, model=model, output_dir=output_dir, series=series, device=device,
                     tta=tta, overlap=overlap, batch_size=batch_size,
                     save_probabilities=save_probabilities, overlay=overlay, config=config,
-                    verbose=verbose)
+                    verbose=verbose, folds=fold_list, checkpoint=checkpoint,
+                    trust_model_code=trust_model_code, stream=stream)

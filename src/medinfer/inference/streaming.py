@@ -574,9 +574,11 @@ def predict_streaming(
     stream_logits(x, run, patch, plan.starts, weight, exporter, pads=pads,
                   batch_size=predictor.batch_size, accumulate_dtype=accumulate_dtype,
                   device=predictor.device, progress=lambda f: report("inference", f))
-    timings["inference+export"] = time.perf_counter() - t1
+    timings["inference"] = time.perf_counter() - t1  # with the slab-wise export
+    t2 = time.perf_counter()
     label = Volume(labels[None], volume.affine, {"model": card.name,
                                                   "model_version": card.version})
+    timings["postprocess"] = time.perf_counter() - t2
     timings["total"] = time.perf_counter() - t0
     return Prediction(
         label=label,

@@ -337,6 +337,19 @@ def load_model(card: ModelCard, model_dir: str | os.PathLike[str],
         Invalid device.
     """
     dev = resolve_device(device)
+    from medinfer.models.monai_bundle import is_monai_bundle
+    from medinfer.models.nnunet import is_nnunet_folder
+
+    if is_nnunet_folder(model_dir):
+        # the raw networks (all folds, mean of logits); nnU-Net's pre-processing, windows
+        # and export: medinfer.models.nnunet.NnUNetPredictor / `medinfer predict`
+        from medinfer.models.nnunet import load_nnunet_networks, read_nnunet_folder
+
+        return load_nnunet_networks(read_nnunet_folder(model_dir), dev)[0]
+    if is_monai_bundle(model_dir):
+        raise ModelError(f"{model_dir}: MONAI bundles run with their own config code: use "
+                         "medinfer.models.monai_bundle.MonaiBundle(..., trust_model_code=True) "
+                         "or `medinfer predict --model BUNDLE --trust-model-code`")
     path = weights_path(card, model_dir)
     _check_file(path)
     if card.weights.sha256 is not None and _sha256(path) != card.weights.sha256.lower():
@@ -363,7 +376,10 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> tuple[ModelCard, Path
 
     ``name_or_path`` is a folder holding ``model.yaml``, the path of a model card
     (any ``.yaml`` file; the model folder is its parent), or the name of a bundled
-    model (``demo-brain``) in ``medinfer/models/zoo/<name>/``.
+    model (``demo-brain``) in ``medinfer/models/zoo/<name>/``. An nnU-Net v2 model
+    folder or a MONAI bundle gives a display card (label names and colours from
+    ``dataset.json`` / ``metadata.json``; run them with
+    :func:`medinfer.inference.batch.open_predictor`).
 
     Returns
     -------
@@ -380,7 +396,15 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> tuple[ModelCard, Path
     if p.is_dir():
         card_path = p / CARD_NAME
         if not card_path.is_file():
-            raise ModelError(f"{p}: model folder has no {CARD_NAME}")
+            from medinfer.models.monai_bundle import bundle_display_card, is_monai_bundle
+            from medinfer.models.nnunet import is_nnunet_folder, nnunet_display_card
+
+            if is_nnunet_folder(p):  # display card (labels) of an nnU-Net v2 model folder
+                return nnunet_display_card(p), p.resolve()
+            if is_monai_bundle(p):  # display card from metadata.json (no config code runs)
+                return bundle_display_card(p), p.resolve()
+            raise ModelError(f"{p}: model folder has no {CARD_NAME} (and is neither an nnU-Net "
+                             "v2 model folder nor a MONAI bundle)")
         return ModelCard.from_yaml(card_path), p.resolve()
     if p.is_file():
         if p.suffix.lower() not in (".yaml", ".yml"):

@@ -44,7 +44,13 @@ if TYPE_CHECKING:
     from medinfer.prediction import Prediction
     from medinfer.volume import Volume
 
-__all__ = ["MonaiBundle", "find_inference_config", "is_monai_bundle", "read_bundle_metadata"]
+__all__ = [
+    "MonaiBundle",
+    "bundle_display_card",
+    "find_inference_config",
+    "is_monai_bundle",
+    "read_bundle_metadata",
+]
 
 _CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 _WRITERS = {"SaveImaged", "SaveImage"}
@@ -324,3 +330,14 @@ def _without_writers(post: Any) -> Any:
 
     kept = [t for t in transforms if type(t).__name__ not in _WRITERS]
     return Compose(kept)
+
+
+def bundle_display_card(path: str | os.PathLike[str]) -> Any:
+    """Display :class:`~medinfer.models.ModelCard` of a bundle from ``metadata.json`` only
+    (no config code runs): name, version, label names of ``channel_def``."""
+    from medinfer.models.nnunet import display_card
+
+    meta = read_bundle_metadata(path)
+    names = _label_names(meta) or {0: "background", 1: "foreground"}
+    return display_card(str(meta.get("name", Path(path).name)), names,
+                        "configs/metadata.json", str(meta.get("version", "")))

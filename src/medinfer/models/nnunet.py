@@ -914,13 +914,15 @@ class NnUNetPredictor:
         stream_logits(x, run, patch, starts, weight, exporter, pads=pads,
                       batch_size=batch, accumulate_dtype=acc, fused=False,
                       device=self.device, progress=lambda f: report("inference", f))
-        timings["inference+export"] = time.perf_counter() - t1
+        timings["inference"] = time.perf_counter() - t1  # with the slab-wise export
+        t2 = time.perf_counter()
         label = Volume(labels[None], volume.affine, {"model": self.name})
         counts = np.bincount(labels.ravel(), minlength=max(names) + 1)
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         stats = [LabelStatistics(value=v, name=n, voxels=int(counts[v]),
                                  volume_ml=float(counts[v]) * voxel_ml)
                  for v, n in names.items() if v != 0]
+        timings["postprocess"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t0
         return Prediction(
             label=label,
@@ -936,6 +938,13 @@ def _palette(v: int) -> list[int]:
 
     r, g, b = colorsys.hsv_to_rgb((v * 0.618033988749895) % 1.0, 0.75, 0.95)
     return [int(r * 255), int(g * 255), int(b * 255)]
+
+
+def nnunet_display_card(path: str | os.PathLike[str]) -> Any:
+    """Display card of an nnU-Net model folder (label names from ``dataset.json``)."""
+    folder = read_nnunet_folder(path)
+    return display_card(folder.path.name, folder.label_names, "dataset.json",
+                        str(folder.dataset.get("name", "")))
 
 
 def display_card(name: str, labels: dict[int, str], source: str, version: str = "") -> Any:
