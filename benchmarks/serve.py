@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scan", type=Path, default=REPO / "samples" / "t1_sample.nii.gz")
     ap.add_argument("--crop", type=int, default=0,
                     help="use the central N^3 voxels of the scan (0 = whole scan)")
-    ap.add_argument("--warmup", type=int, default=4, help="unmeasured calls of each path")
+    ap.add_argument("--warmup", type=int, default=8, help="unmeasured calls of each path")
     ap.add_argument("--repeats", type=int, default=6, help="paired direct / 1-client calls")
     ap.add_argument("--per-client", type=int, default=2, help="requests per client at 4, 16")
     ap.add_argument("--workers", type=int, default=2, help="MEDINFER_WORKERS of the server")
