@@ -109,7 +109,8 @@ def test_same_masks_as_nnunetv2_predict(model_folder: Path, inputs: Path,
 def test_float32_accumulation_and_probabilities(model_folder: Path, inputs: Path,
                                                 oracle: dict[bool, Path]) -> None:
     vol = load_case(inputs, "oblique")
-    p16 = NnUNetPredictor(model_folder, device="cpu", tta=False).predict(vol)
+    p16 = NnUNetPredictor(model_folder, device="cpu", tta=False,
+                          accumulate="float16").predict(vol)
     p32 = NnUNetPredictor(model_folder, device="cpu", tta=False, accumulate="float32",
                           save_probabilities=True).predict(vol)
     changed = int(np.sum(p16.label.array != p32.label.array))
