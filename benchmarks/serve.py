@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -52,6 +53,12 @@ def _percentile(values: list[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(v) - 1)
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def _shape(scan: Path) -> str:
+    import nibabel as nib
+
+    return "x".join(str(d) for d in nib.load(str(scan)).shape)
 
 
 def _crop(scan: Path, n: int, out: Path) -> Path:
@@ -190,11 +197,12 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait(20)
         if proc.poll() is None:
             proc.kill()
+            proc.wait(20)
+        scan_shape = _shape(args.scan)
+        shutil.rmtree(store, ignore_errors=True)
     d50 = statistics.median(base)
-    import nibabel as nib
-
-    shape = "x".join(str(d) for d in nib.load(str(args.scan)).shape)
-    print(f"model {args.model}, scan {args.scan.name} ({shape}), server workers {args.workers}, "
+    print(f"model {args.model}, scan {args.scan.name} ({scan_shape}), "
+          f"server workers {args.workers}, "
           f"torch threads {args.threads}, CPU count {os.cpu_count()}")
     print()
     print("| path | clients | requests | requests/s | p50 latency (s) | p95 latency (s) |")
