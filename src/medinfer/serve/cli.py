@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -67,4 +66,6 @@ def ui(
     cmd = [sys.executable, "-m", "streamlit", "run", str(script),
            "--server.address", host, "--server.port", str(port), "--server.headless", "true",
            "--browser.gatherUsageStats", "false"]
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    # replace this process by Streamlit: signals (Ctrl-C, SIGTERM) reach it directly and no
+    # orphaned server is left behind
+    os.execve(sys.executable, cmd, env)
