@@ -1,1 +1,1 @@
-"""medinfer.training: scripts support for the bundled demo models (synthetic data, training loops)."""
+"""medinfer.training: support code for training the bundled demo models."""
