@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medinfer.errors import ConfigError
+from medinfer.models.card import InferenceMode
 
 #: a config file larger than this is refused before parsing (untrusted input)
 MAX_CONFIG_BYTES = 1_000_000
@@ -62,11 +63,8 @@ class BlendingChoice(StrEnum):
     AVERAGE = "average"
 
 
-class ModeChoice(StrEnum):
-    """Inference mode."""
-
-    SLIDING_WINDOW = "sliding_window"
-    WHOLE_VOLUME = "whole_volume"
+#: inference mode: the model card's own enum (``sliding_window`` | ``whole_volume``)
+ModeChoice = InferenceMode
 
 
 class OutputFormat(StrEnum):
