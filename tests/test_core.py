@@ -56,3 +56,15 @@ def test_atomic_output_gets_umask_permissions(tmp_path: Path):
     out = write_text_atomic(tmp_path / "r.json", "{}")
     assert (out.stat().st_mode & 0o777) == 0o666 & ~_atomic._UMASK
     assert out.stat().st_mode & 0o044  # group/other can read (mkstemp alone gives 0600)
+
+
+def test_folds_accepts_space_separated_values_like_nnunet():
+    from medinfer.cli import join_multi_value_options
+
+    assert join_multi_value_options(
+        ["predict", "a.nii.gz", "--folds", "0", "1", "3", "-o", "out"]
+    ) == ["predict", "a.nii.gz", "--folds", "0,1,3", "-o", "out"]
+    assert join_multi_value_options(["predict", "--folds", "all", "b.nii"]) == [
+        "predict", "--folds", "all", "b.nii"]
+    assert join_multi_value_options(["predict", "--folds", "0", "scan.nii"]) == [
+        "predict", "--folds", "0", "scan.nii"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
@@ -68,6 +69,37 @@ def _fail(message: str, code: int) -> None:
     raise SystemExit(code)
 
 
+#: options that take several space-separated values (``--folds 0 1 2``), as nnU-Net's CLI does
+_MULTI_VALUE_OPTIONS = {"--folds": re.compile(r"^(\d+|all)$")}
+
+
+def join_multi_value_options(argv: Sequence[str]) -> list[str]:
+    """Rewrite ``--folds 0 1 2`` as ``--folds 0,1,2`` (typer options take one value each).
+
+    Only tokens that look like values of that option (fold numbers or ``all``) are
+    joined, so inputs after the option list are kept as inputs.
+    """
+    out: list[str] = []
+    i = 0
+    args = list(argv)
+    while i < len(args):
+        token = args[i]
+        pattern = _MULTI_VALUE_OPTIONS.get(token)
+        if pattern is None:
+            out.append(token)
+            i += 1
+            continue
+        values: list[str] = []
+        i += 1
+        while i < len(args) and pattern.match(args[i]):
+            values.append(args[i])
+            i += 1
+        out.append(token)
+        if values:
+            out.append(",".join(values))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point; maps input errors to exit code 2 with a one-line message.
 
@@ -75,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     _register_plugins()
     try:
-        app(args=list(argv) if argv is not None else None, prog_name="medinfer")
+        args = join_multi_value_options(sys.argv[1:] if argv is None else argv)
+        app(args=args, prog_name="medinfer")
     except MedinferError as exc:
         _fail(str(exc), 2)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
