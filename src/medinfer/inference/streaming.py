@@ -379,6 +379,7 @@ class SlabExporter:
         self.model_rows = int(model_rows)
         self.chunks: list[tuple[int, np.ndarray]] = []
         self.peak_buffer_bytes = 0
+        self._slabs: list[tuple[int, int, tuple[int, ...]]] | None = None
 
     def __call__(self, slab: torch.Tensor, r0: int, r1: int) -> None:
         """Take final model rows ``[r0, r1)`` (``(K, r1 - r0, *rest)`` float32).
@@ -423,37 +424,96 @@ class SlabExporter:
             raise RuntimeError(f"streaming export: model rows {lo}..{hi} not held")
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
+    def _full_path_slabs(self) -> list[tuple[int, int, tuple[int, ...]]]:
+        """``(T0, T1, pass order)`` of each slab of output axis 0 in the full-volume path.
+
+        ``_resample_separable`` works in slabs of output axis 0 and picks the order of
+        the 1-D passes per slab (least estimated work). The streaming export uses the
+        same slabs and orders so that every value gets the same float32 operations.
+        """
+        from medinfer.transforms import spatial as sp
+
+        if self._slabs is not None:
+            return self._slabs
+        g = [sp._AxisPlan.identity(p.m) if p.sl is not None else p for p in self.plans]
+        n0, n1, n2 = self.out_shape
+        step = max(1, sp._SLAB_BYTES // max(n1 * n2 * 4, 1))
+        slabs = []
+        for t0 in range(0, n0, step):
+            t1 = min(n0, t0 + step)
+            lo, hi, p0 = g[0].sub(t0, t1)
+            rows = hi - lo
+            if p0.sl is not None:
+                p0 = sp._AxisPlan.identity(p0.m)
+                rows = p0.n
+            sub = [p0, g[1], g[2]]
+            shape = [rows, g[1].n, g[2].n]
+            todo = [c for c in range(3) if not sub[c].is_identity]
+            order = min(itertools.permutations(todo),
+                        key=lambda seq: sp._pass_cost(seq, shape, sub)) if todo else ()
+            slabs.append((t0, t1, tuple(order)))
+        self._slabs = slabs
+        return slabs
+
     def _emit(self, t0: int, t1: int) -> None:
+        """Resample output indices ``[t0, t1)`` along output axis ``c0`` and label them."""
         from medinfer.transforms import spatial as sp
 
         c0 = self.c0
-        lo, hi, p0 = self.plans[c0].sub(t0, t1)
-        block = self._rows(lo, hi)
-        # model axes -> output axis order (a view)
-        block = block.transpose(0, *(self.perm[c] + 1 for c in range(3)))
-        sub = list(self.plans)
-        sub[c0] = p0
-        # integer shifts / flips are plain views, as in _resample_separable
-        view: list[slice] = [slice(None)] * 4
-        for c in range(3):
-            if sub[c].sl is not None:
-                view[c + 1] = sub[c].sl
-                sub[c] = sp._AxisPlan.identity(sub[c].m)
-        block = block[tuple(view)]
+        lo, hi, _ = self.plans[c0].sub(t0, t1)
+        held = self._rows(lo, hi)
+        # model axes -> output axis order (a view); axis c0 starts at model row lo
+        held = held.transpose(0, *(self.perm[c] + 1 for c in range(3)))
+        k = held.shape[0]
         shape = list(self.out_shape)
         shape[c0] = t1 - t0
-        out = np.empty((block.shape[0], *shape), dtype=np.float32)
+        out = np.empty((k, *shape), dtype=np.float32)
         dtype = np.dtype(np.float32)
-        for ch in range(block.shape[0]):
-            b = block[ch]
-            todo = [c for c in range(3) if not sub[c].is_identity]
-            if not todo:
-                out[ch] = b
-                continue
-            order = min(itertools.permutations(todo),
-                        key=lambda seq: sp._pass_cost(seq, list(b.shape), sub))
-            for k, c in enumerate(order):
-                b = sp._pass(b, c, sub[c], dtype, out[ch] if k == len(order) - 1 else None)
+        for s0, s1, order in self._full_path_slabs():
+            # output rows of this full-path slab (axis 0), restricted to [t0, t1) on c0
+            ranges = [(0, n) for n in self.out_shape]
+            ranges[0] = (s0, s1)
+            if c0 == 0:
+                ranges[0] = (max(s0, t0), min(s1, t1))
+                if ranges[0][0] >= ranges[0][1]:
+                    continue
+            else:
+                ranges[c0] = (t0, t1)
+            sub = []
+            view: list[slice] = [slice(None)]
+            for c in range(3):
+                a, b = ranges[c]
+                if (a, b) == (0, self.out_shape[c]):
+                    pc, l_c, h_c = self.plans[c], 0, held.shape[c + 1]
+                    if c == c0:
+                        l_c, h_c = 0, held.shape[c + 1]
+                else:
+                    l_c, h_c, pc = self.plans[c].sub(a, b)
+                    if c == c0:
+                        l_c, h_c = l_c - lo, h_c - lo
+                view.append(slice(l_c, h_c))
+                sub.append(pc)
+            block = held[tuple(view)]
+            # integer shifts / flips are plain views, as in _resample_separable
+            view2: list[slice] = [slice(None)] * 4
+            for c in range(3):
+                if sub[c].sl is not None:
+                    view2[c + 1] = sub[c].sl
+                    sub[c] = sp._AxisPlan.identity(sub[c].m)
+            block = block[tuple(view2)]
+            todo = [c for c in order if not sub[c].is_identity]
+            todo += [c for c in range(3) if c not in todo and not sub[c].is_identity]
+            tgt = (slice(None), *(slice(a - (t0 if c == c0 else 0), b - (t0 if c == c0 else 0))
+                                  for c, (a, b) in enumerate(ranges)))
+            target = out[tgt]
+            for ch in range(k):
+                b_ = block[ch]
+                if not todo:
+                    target[ch] = b_
+                    continue
+                for j, c in enumerate(todo):
+                    b_ = sp._pass(b_, c, sub[c], dtype,
+                                  target[ch] if j == len(todo) - 1 else None)
         sl: list[slice] = [slice(None)] * 3
         sl[c0] = slice(t0, t1)
         self.label_out[tuple(sl)] = self.to_labels(out)
