@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
@@ -15,3 +17,24 @@ def oblique_lps_affine(spacing: tuple[float, float, float] = (0.9, 1.1, 2.5)) ->
     aff[:3, :3] = rx @ rz @ lps @ np.diag(spacing)
     aff[:3, 3] = [31.5, -12.25, 7.0]
     return aff
+
+
+UNET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8],
+        "strides": [2], "num_res_units": 0}
+
+
+def card_dict(**over: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "name": "tiny-seg",
+        "version": "0.1",
+        "labels": {0: {"name": "background", "color": [0, 0, 0]},
+                   1: {"name": "csf", "color": [0, 0, 255]},
+                   2: {"name": "tissue", "color": [0, 255, 0]}},
+        "input": {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0],
+                  "normalization": {"method": "zscore"}},
+        "inference": {"patch_size": [8, 8, 8], "overlap": 0.25},
+        "weights": {"format": "state_dict", "file": "model.pt"},
+        "architecture": {"network": "UNet", "kwargs": UNET},
+    }
+    d.update(over)
+    return d

@@ -11,43 +11,11 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 import yaml
+from inference_helpers import card_dict as _card_dict
 from inference_helpers import oblique_lps_affine
 
 from medinfer.cli import main
-
-UNET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8],
-        "strides": [2], "num_res_units": 0}
-
-
-def _card_dict(**over: Any) -> dict[str, Any]:
-    d: dict[str, Any] = {
-        "name": "tiny-seg",
-        "version": "0.1",
-        "labels": {0: {"name": "background", "color": [0, 0, 0]},
-                   1: {"name": "csf", "color": [0, 0, 255]},
-                   2: {"name": "tissue", "color": [0, 255, 0]}},
-        "input": {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0],
-                  "normalization": {"method": "zscore"}},
-        "inference": {"patch_size": [8, 8, 8], "overlap": 0.25},
-        "weights": {"format": "state_dict", "file": "model.pt"},
-        "architecture": {"network": "UNet", "kwargs": UNET},
-    }
-    d.update(over)
-    return d
-
-
-@pytest.fixture()
-def model_dir(tmp_path: Path) -> Path:
-    from monai.networks.nets import UNet
-
-    torch.manual_seed(0)
-    d = tmp_path / "model"
-    d.mkdir()
-    torch.save(UNet(**UNET).state_dict(), d / "model.pt")
-    (d / "model.yaml").write_text(yaml.safe_dump(_card_dict()))
-    return d
 
 
 def _scan(path: Path, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

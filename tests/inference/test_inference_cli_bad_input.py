@@ -14,25 +14,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-import yaml
-from test_inference_cli import UNET, _card_dict
 
 from medinfer.cli import main
 from medinfer.io import write_dicom_series
 from medinfer.volume import Volume
-
-
-@pytest.fixture()
-def model_dir(tmp_path: Path) -> Path:
-    from monai.networks.nets import UNet
-
-    torch.manual_seed(0)
-    d = tmp_path / "model"
-    d.mkdir()
-    torch.save(UNet(**UNET).state_dict(), d / "model.pt")
-    (d / "model.yaml").write_text(yaml.safe_dump(_card_dict()))
-    return d
 
 
 def _predict(inp: Path, model_dir: Path, out: Path, *extra: str) -> int:

@@ -26,7 +26,6 @@ read before that.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medinfer._jsonio import read_json_object
 from medinfer.errors import GeometryError, ModelError
 
 if TYPE_CHECKING:
@@ -89,17 +89,10 @@ def read_bundle_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         Missing, too large or invalid JSON.
     """
     f = Path(path) / "configs" / "metadata.json"
-    if not f.is_file():
-        raise ModelError(f"{path}: not a MONAI bundle (no configs/metadata.json)")
-    if f.stat().st_size > MAX_CONFIG_BYTES:
-        raise ModelError(f"{f}: larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{f}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{f}: expected a JSON object")
-    return data
+    return read_json_object(
+        f, max_bytes=MAX_CONFIG_BYTES, error=ModelError,
+        missing=f"{path}: not a MONAI bundle (no configs/metadata.json)",
+    )
 
 
 def _label_names(meta: dict[str, Any]) -> dict[int, str]:

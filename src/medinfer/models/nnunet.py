@@ -54,7 +54,6 @@ numpy scalar types that nnU-Net stores being allow-listed with
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import re
 import time
@@ -65,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medinfer._jsonio import read_json_object
 from medinfer.errors import ConfigError, InvalidImageError, ModelError
 
 if TYPE_CHECKING:
@@ -95,17 +95,10 @@ _ALLOWED_IMPORT_PREFIXES = ("dynamic_network_architectures.", "torch.nn.")
 
 # ====================================================================== folder reading
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ModelError(f"{path.parent}: nnU-Net model folder has no {path.name}")
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise ModelError(f"{path}: larger than {MAX_JSON_BYTES} bytes")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path}: expected a JSON object at the top level")
-    return data
+    return read_json_object(
+        path, max_bytes=MAX_JSON_BYTES, error=ModelError,
+        missing=f"{path.parent}: nnU-Net model folder has no {path.name}",
+    )
 
 
 def _fold_dirs(path: Path) -> dict[str, Path]:
