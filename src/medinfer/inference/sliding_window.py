@@ -157,6 +157,54 @@ def tta_flips(axes: Sequence[int] | None) -> list[tuple[int, ...]]:
     return [c for r in range(len(ax) + 1) for c in itertools.combinations(ax, r)]
 
 
+
+def make_tta_runner(
+    model: Callable[[torch.Tensor], torch.Tensor], flips: Sequence[tuple[int, ...]],
+    *, amp: bool = False, batch_flips: bool = False,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``run(x (B, C, *patch)) -> (B, K, *patch)`` float32: mean of mirrored predictions.
+
+    ``flips``: spatial axis tuples, the empty tuple first (no flip), e.g. from
+    :func:`tta_flips`. The sum is taken in that order and divided
+    once, exactly like the full-volume engine and nnU-Net's
+    ``_internal_maybe_mirror_and_predict``. With ``batch_flips`` all mirrored copies go
+    through the network in one call (batch ``B * len(flips)``: better CPU/GPU use for
+    small windows; results equal up to float rounding of the convolution kernels).
+    """
+    import torch
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        acc: torch.Tensor | None = None
+
+        def add(dims: tuple[int, ...], y: torch.Tensor) -> None:
+            nonlocal acc
+            if dims:
+                y = torch.flip(y, [d + 2 for d in dims])
+            if acc is None:
+                acc = y if len(flips) == 1 else y.clone()
+            else:
+                acc.add_(y)
+
+        if batch_flips and len(flips) > 1:
+            xs = torch.cat([torch.flip(x, [d + 2 for d in f]) if f else x for f in flips])
+            with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                ys = model(xs).float()
+            for dims, y in zip(flips, torch.split(ys, int(x.shape[0])), strict=True):
+                add(dims, y)
+        else:
+            for dims in flips:
+                xin = torch.flip(x, [d + 2 for d in dims]) if dims else x
+                with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                    add(dims, model(xin).float())
+        if acc is None:
+            raise ConfigError("tta: at least the identity flip () is required")
+        if len(flips) > 1:
+            acc.div_(len(flips))
+        return acc
+
+    return run
+
+
 def _tuple(value: int | float | Sequence[int] | Sequence[float], n: int, name: str) -> tuple:
     if isinstance(value, (int, float)):
         return (value,) * n
@@ -254,23 +302,7 @@ def sliding_window_inference(
         dev = resolve_device(device)
     use_amp = amp and dev.type == "cuda"
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        acc: torch.Tensor | None = None
-        for dims in flips:
-            xin = torch.flip(x, [d + 2 for d in dims]) if dims else x
-            with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-                y = model(xin)
-            y = y.float()
-            if dims:
-                y = torch.flip(y, [d + 2 for d in dims])
-            if acc is None:
-                acc = y if len(flips) == 1 else y.clone()
-            else:
-                acc.add_(y)
-        assert acc is not None
-        if len(flips) > 1:
-            acc.div_(len(flips))
-        return acc
+    run = make_tta_runner(model, flips, amp=use_amp)
 
     with torch.inference_mode():
         if run_mode is RunMode.WHOLE_VOLUME:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medinfer.errors import ConfigError, ModelError
+from medinfer.inference.sliding_window import make_tta_runner
 
 if TYPE_CHECKING:
     import torch
@@ -103,53 +104,6 @@ def window_regions(
             s_l.append(slice(clo - lo, chi - lo))
         out.append(WindowRegion(tuple(int(v) for v in start), tuple(d_l), tuple(s_l)))
     return out
-
-
-def make_tta_runner(
-    model: Callable[[torch.Tensor], torch.Tensor], flips: Sequence[tuple[int, ...]],
-    *, amp: bool = False, batch_flips: bool = False,
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``run(x (B, C, *patch)) -> (B, K, *patch)`` float32: mean of mirrored predictions.
-
-    ``flips``: spatial axis tuples, the empty tuple first (no flip), e.g. from
-    :func:`medinfer.inference.tta_flips`. The sum is taken in that order and divided
-    once, exactly like the full-volume engine and nnU-Net's
-    ``_internal_maybe_mirror_and_predict``. With ``batch_flips`` all mirrored copies go
-    through the network in one call (batch ``B * len(flips)``: better CPU/GPU use for
-    small windows; results equal up to float rounding of the convolution kernels).
-    """
-    import torch
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        acc: torch.Tensor | None = None
-
-        def add(dims: tuple[int, ...], y: torch.Tensor) -> None:
-            nonlocal acc
-            if dims:
-                y = torch.flip(y, [d + 2 for d in dims])
-            if acc is None:
-                acc = y if len(flips) == 1 else y.clone()
-            else:
-                acc.add_(y)
-
-        if batch_flips and len(flips) > 1:
-            xs = torch.cat([torch.flip(x, [d + 2 for d in f]) if f else x for f in flips])
-            with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-                ys = model(xs).float()
-            for dims, y in zip(flips, torch.split(ys, int(x.shape[0])), strict=True):
-                add(dims, y)
-        else:
-            for dims in flips:
-                xin = torch.flip(x, [d + 2 for d in dims]) if dims else x
-                with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-                    add(dims, model(xin).float())
-        if acc is None:
-            raise ConfigError("tta: at least the identity flip () is required")
-        if len(flips) > 1:
-            acc.div_(len(flips))
-        return acc
-
-    return run
 
 
 def stream_logits(
