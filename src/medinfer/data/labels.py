@@ -20,7 +20,6 @@ multi-class -> int64 class index.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from medinfer._jsonio import read_json_object
 from medinfer.errors import ConfigError, parse_enum
 
 
@@ -147,12 +147,7 @@ def load_study_labels_json(path: str | os.PathLike[str]) -> StudyLabels:
     """
     p = Path(path)
     _check_size(p)
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: not valid JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{p}: expected a JSON object study -> class")
+    doc = read_json_object(p, max_bytes=MAX_LABEL_FILE_BYTES, error=ConfigError)
     classes: list[str] | None = None
     raw = doc
     if "labels" in doc and isinstance(doc.get("labels"), dict):

@@ -25,6 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from medinfer._atomic import write_text_atomic
+from medinfer._jsonio import read_json_object
 from medinfer.errors import ConfigError, parse_enum
 
 log = logging.getLogger(__name__)
@@ -296,17 +297,11 @@ class DatasetMetadata:
         p = Path(path)
         if p.is_dir():
             p = p / METADATA_FILE
-        if not p.is_file():
-            raise ConfigError(
-                f"dataset metadata {p}: not found; build it with `medinfer data metadata`"
-            )
-        if p.stat().st_size > MAX_METADATA_BYTES:
-            raise ConfigError(f"dataset metadata {p}: larger than {MAX_METADATA_BYTES} bytes")
-        try:
-            doc = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"dataset metadata {p}: invalid JSON ({exc})") from None
-        if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+        doc = read_json_object(
+            p, max_bytes=MAX_METADATA_BYTES, error=ConfigError,
+            missing=f"dataset metadata {p}: not found; build it with `medinfer data metadata`",
+        )
+        if doc.get("format") != _FORMAT:
             raise ConfigError(f"dataset metadata {p}: 'format' is not {_FORMAT!r}")
         if doc.get("version") != _VERSION:
             raise ConfigError(
