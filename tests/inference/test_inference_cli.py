@@ -161,9 +161,9 @@ def test_failure_while_writing_leaves_no_partial_case(tmp_path: Path, model_dir:
 def test_detection_is_delegated(tmp_path: Path, model_dir: Path,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[Any, ...]] = []
-    fake = types.ModuleType("medinfer.postprocess.detection_cli")
+    fake = types.ModuleType("medinfer.detection")
     fake.predict_detection = lambda *a: calls.append(a)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "medinfer.postprocess.detection_cli", fake)
+    monkeypatch.setitem(sys.modules, "medinfer.detection", fake)
     scan = tmp_path / "chest.nii.gz"
     _scan(scan)
     cfg = tmp_path / "det.yaml"

@@ -81,7 +81,7 @@ def test_config_defaults_file_and_overrides(tmp_path: Path) -> None:
 
 def test_stride_larger_than_patch_is_refused() -> None:
     from medinfer.models.card import ModelCard
-    from medinfer.postprocess.detection_run import inference_settings
+    from medinfer.detection import inference_settings
 
     card = ModelCard.from_dict({"name": "x", "task": "detection", "labels": {0: {"name": "bg"},
                                 1: {"name": "lesion"}}, "output": {"activation": "sigmoid"},

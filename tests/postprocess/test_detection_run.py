@@ -13,7 +13,7 @@ import torch
 
 from medinfer.models.card import ModelCard
 from medinfer.postprocess.detection_config import DetectionConfig
-from medinfer.postprocess.detection_run import augmentations, run_detection_on_volume, run_heatmap
+from medinfer.detection import augmentations, run_detection_on_volume, run_heatmap
 from medinfer.volume import Volume
 
 

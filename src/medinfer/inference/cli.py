@@ -13,7 +13,7 @@ recursively; ``--series UID`` picks a series). Case names come from the file nam
 or file name.
 
 Detection models (card ``task: detection``) and ``--config`` runs are delegated to
-:func:`medinfer.postprocess.detection_cli.predict_detection`.
+:func:`medinfer.detection.predict_detection`.
 """
 
 from __future__ import annotations
@@ -313,14 +313,8 @@ def run_predict(
 
 def _delegate_detection(inputs: list[Path], model: str | None, config: Path | None,
                         output_dir: Path, device: str, overrides: dict[str, Any]) -> None:
-    from medinfer.errors import ConfigError
+    from medinfer.detection import predict_detection
 
-    try:
-        from medinfer.postprocess.detection_cli import predict_detection
-    except ImportError as exc:
-        raise ConfigError(
-            f"detection models need the detection pipeline, which is not available ({exc})"
-        ) from None
     predict_detection(inputs, model, config, output_dir, device, overrides)
 
 

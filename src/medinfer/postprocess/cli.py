@@ -1,7 +1,7 @@
 """CLI sub-commands of the detection pipeline: ``calibrate`` and ``evaluate-detections``.
 
 (``medinfer predict`` itself lives in :mod:`medinfer.inference.cli` and calls
-:func:`medinfer.postprocess.detection_cli.predict_detection` for detection models.)
+:func:`medinfer.detection.predict_detection` for detection models.)
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 :class:`ModelEngine` resolves and loads the model named in the settings once
 (:func:`medinfer.models.resolve_model`, :func:`medinfer.models.load_model`) and runs
 :class:`medinfer.inference.Predictor` (segmentation) or
-:func:`medinfer.postprocess.detection_cli.run_detection_on_volume` (``task: detection``)
+:func:`medinfer.detection.run_detection_on_volume` (``task: detection``)
 per request. Settings that change the model card's defaults (threshold, pad multiple,
 clip percentiles) are applied as a modified copy of the card; nothing is re-implemented
 here. Outputs of a job are written by :func:`write_outputs` under fixed file names.
@@ -186,12 +186,7 @@ class ModelEngine:
 
     def _detect(self, volume: Volume, config: JobConfig,
                 progress: ProgressFn | None) -> Prediction:
-        try:
-            from medinfer.postprocess.detection_run import run_detection_on_volume
-        except ImportError:  # older layout
-            from medinfer.postprocess.detection_cli import (  # type: ignore[attr-defined,no-redef,unused-ignore]
-                run_detection_on_volume,
-            )
+        from medinfer.detection import run_detection_on_volume
 
         det_config = safe_detection_config(config.detection)
         threshold = config.threshold

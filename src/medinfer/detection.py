@@ -1,0 +1,533 @@
+"""The detection pipeline: scan -> heat map -> findings -> result files (one module).
+
+This is the only implementation of the detection pipeline; the ``medinfer predict`` CLI
+(:mod:`medinfer.inference.cli`), the REST service (:mod:`medinfer.serve.engine`) and the
+PIVOT compatibility layer (:mod:`medinfer.compat.pivot`) all call it.
+
+**Heat map.** The heat map is produced on the model grid with the engine's sliding-window
+function (:func:`medinfer.inference.sliding_window_inference`) and brought back to the
+**source grid** with one trilinear interpolation (:func:`medinfer.transforms.to_source_grid`).
+On top of the engine this module adds what the detection configuration offers beyond it:
+
+* ``blending: linear`` -- each window's logits are weighted by a pyramid (tent) map
+  ``prod_d (1 - |x_d| / (p_d / 2))`` (clamped at 1e-3) and normalised by the summed weights;
+  implemented by wrapping the network so that it returns ``[w * y, w]`` to the engine run
+  with constant blending, then dividing. ``average`` is the engine's constant blending.
+* **TTA with 90-degree rotations**: the whole model-grid volume is flipped / rotated
+  (``torch.rot90`` in the plane ``rotation_axes``), run, and the logits are transformed
+  back and averaged (then the sigmoid is applied). The identity is always the first
+  augmentation; ``num_augmentations`` keeps the first N of: identity, each flip, each
+  rotation.
+* ``stride`` (voxels) is converted to the engine's per-axis overlap
+  ``1 - stride / patch_size``.
+
+**Findings** come from :func:`medinfer.postprocess.detection.detect_findings` (peaks, NMS,
+filters, properties; coordinates RAS+ mm) and the calibration of
+:mod:`medinfer.postprocess.calibration`.
+
+**Files.** Per scan ``<case>`` (file name without ``.nii.gz`` / ``.nii`` ...),
+:func:`predict_detection` writes, as selected by ``output.formats``:
+``<case>_detections.json`` (validated against ``detections.schema.json``),
+``<case>_detections.csv``, ``<case>_heatmap.nii.gz`` (float32, source grid and affine),
+``<case>_visualization.png``, ``<case>_3d.html``, ``<case>_report.pdf``;
+and for the batch: ``confidence_distribution.png`` and ``batch_summary.json`` / ``.csv``
+(scans, findings per scan and risk category, average processing time).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medinfer._atomic import write_text_atomic
+from medinfer.errors import ConfigError, InvalidImageError, ModelError
+from medinfer.postprocess.calibration import Calibration
+from medinfer.postprocess.detection import Finding, detect_findings
+from medinfer.postprocess.detection_config import (
+    BlendingChoice,
+    DetectionConfig,
+    ModeChoice,
+    OutputFormat,
+    load_detection_config,
+)
+from medinfer.prediction import Prediction
+from medinfer.volume import Volume
+
+__all__ = ["augmentations", "case_name", "collect_inputs", "findings_from_heatmap",
+           "inference_settings", "load_calibration", "model_grid_logits", "predict_detection",
+           "run_detection_on_volume", "run_heatmap", "write_case_outputs"]
+
+LOG = logging.getLogger(__name__)
+
+Progress = Callable[[str, float], None]
+
+
+def _as_config(config: DetectionConfig | dict[str, Any] | None) -> DetectionConfig:
+    if config is None:
+        return DetectionConfig()
+    if isinstance(config, DetectionConfig):
+        return config
+    return DetectionConfig.from_dict(config)
+
+
+def inference_settings(card: Any, cfg: DetectionConfig) -> dict[str, Any]:
+    """Effective inference settings: config values, else the model card's.
+
+    Returns a dict with ``mode``, ``patch_size``, ``overlap`` (per axis), ``batch_size``,
+    ``blending`` (gaussian | linear | average), ``sigma_scale``, ``size_divisible``.
+
+    Raises
+    ------
+    ConfigError
+        ``inference.stride`` larger than the patch size along an axis.
+    """
+    inf = cfg.inference
+    ci = card.inference
+    patch = tuple(int(p) for p in (inf.patch_size or ci.patch_size))
+    if inf.stride is not None:
+        if any(s > p for s, p in zip(inf.stride, patch, strict=True)):
+            raise ConfigError(f"inference.stride: {list(inf.stride)} must not exceed "
+                              f"inference.patch_size {list(patch)} (windows would leave gaps)")
+        overlap = tuple(1.0 - s / p for s, p in zip(inf.stride, patch, strict=True))
+    else:
+        ov = inf.overlap if inf.overlap is not None else float(ci.overlap)
+        overlap = (ov, ov, ov)
+    if inf.blending is not None:
+        blending = inf.blending
+    else:
+        blending = BlendingChoice.GAUSSIAN if str(ci.blending.value) == "gaussian" \
+            else BlendingChoice.AVERAGE
+    mode = inf.mode or ModeChoice(str(ci.mode.value))
+    return {
+        "mode": mode,
+        "patch_size": patch,
+        "overlap": overlap,
+        "batch_size": int(inf.batch_size or ci.batch_size),
+        "blending": blending,
+        "sigma_scale": float(inf.sigma_scale or ci.sigma_scale),
+        "size_divisible": int(getattr(ci, "size_divisible", 1)),
+    }
+
+
+def augmentations(cfg: DetectionConfig) -> list[tuple[tuple[int, ...], int]]:
+    """TTA list of ``(flip_axes, rot90_k)``; identity first. Axes are model-grid axes."""
+    tta = cfg.inference.tta
+    out: list[tuple[tuple[int, ...], int]] = [((), 0)]
+    if tta.enabled:
+        out += [(tuple(sorted(f)), 0) for f in tta.flips if f]
+        out += [((), int(k)) for k in tta.rotations]
+    if tta.num_augmentations is not None:
+        out = out[: tta.num_augmentations]
+    return out
+
+
+def _tent(shape: tuple[int, ...]) -> Any:
+    import torch
+
+    w: torch.Tensor | None = None
+    for i, p in enumerate(shape):
+        x = torch.arange(p, dtype=torch.float32) - (p - 1) / 2.0
+        t = (1.0 - x.abs() / (p / 2.0)).clamp(min=1e-3)
+        w = t if w is None else w.unsqueeze(-1) * t[(None,) * i]
+    assert w is not None
+    return w
+
+
+def model_grid_logits(x: Any, model: Callable[[Any], Any], settings: dict[str, Any],
+                      augs: list[tuple[tuple[int, ...], int]],
+                      rotation_axes: tuple[int, int] = (0, 1),
+                      progress: Callable[[float], None] | None = None) -> Any:
+    """Logits ``(1, K, *spatial)`` on the model grid for input ``x`` ``(1, C, *spatial)``."""
+    import torch
+
+    from medinfer.inference import sliding_window_inference
+
+    blending = settings["blending"]
+    net: Callable[[Any], Any]
+    if blending is BlendingChoice.LINEAR:
+        def tent_net(t: torch.Tensor) -> torch.Tensor:
+            y = model(t)
+            w = _tent(tuple(int(s) for s in y.shape[2:])).to(y.device, y.dtype)
+            w = w[None, None].expand(y.shape[0], 1, *y.shape[2:])
+            return torch.cat([y * w, w], dim=1)
+        net = tent_net
+        engine_blend = "constant"
+    else:
+        net = model
+        engine_blend = "gaussian" if blending is BlendingChoice.GAUSSIAN else "constant"
+    rot_dims = [a + 2 for a in rotation_axes]
+    acc = None
+    for n, (flips, k) in enumerate(augs):
+        xa = x
+        if flips:
+            xa = torch.flip(xa, [a + 2 for a in flips])
+        if k:
+            xa = torch.rot90(xa, k, rot_dims)
+
+        def prog(f: float, n: int = n) -> None:
+            if progress is not None:
+                progress((n + f) / len(augs))
+
+        y = sliding_window_inference(
+            xa, net, settings["patch_size"], overlap=settings["overlap"],
+            blending=engine_blend, sigma_scale=settings["sigma_scale"],
+            batch_size=settings["batch_size"], mode=str(settings["mode"].value),
+            size_divisible=settings["size_divisible"], progress=prog,
+        )
+        if blending is BlendingChoice.LINEAR:
+            y = y[:, :-1] / y[:, -1:].clamp(min=1e-6)
+        if k:
+            y = torch.rot90(y, -k, rot_dims)
+        if flips:
+            y = torch.flip(y, [a + 2 for a in flips])
+        acc = y if acc is None else acc + y
+    assert acc is not None
+    return acc / len(augs)
+
+
+def run_heatmap(volume: Volume, card: Any, model: Callable[[Any], Any],
+                config: DetectionConfig | dict[str, Any] | None = None,
+                progress: Progress | None = None,
+                timings: dict[str, float] | None = None) -> Volume:
+    """Heat map of ``volume`` on its own (source) grid.
+
+    Parameters
+    ----------
+    volume : the scan, ``(C, I, J, K)``, HU for CT.
+    card : the :class:`medinfer.models.ModelCard` (task ``detection``, sigmoid output).
+    model : callable from :func:`medinfer.models.load_model`.
+    config : detection configuration (input / inference sections are used).
+    progress : ``progress(stage, fraction)``.
+    timings : filled with ``preprocess``, ``inference``, ``resample`` seconds.
+
+    Returns
+    -------
+    Volume ``(1, I, J, K)`` float32 in [0, 1], exactly the source shape and affine.
+
+    Raises
+    ------
+    ConfigError
+        Invalid inference settings; ModelError: wrong channel count.
+    """
+    import torch
+
+    from medinfer.transforms import normalize_intensity, to_model_grid, to_source_grid
+
+    cfg = _as_config(config)
+    t = timings if timings is not None else {}
+    t0 = time.perf_counter()
+    if volume.num_channels != card.input.channels:
+        raise ModelError(f"scan has {volume.num_channels} channel(s); model {card.name} expects "
+                         f"{card.input.channels}")
+    arr = np.asarray(volume.array, dtype=np.float32)
+    if cfg.input.hu_clip is not None:
+        arr = np.clip(arr, cfg.input.hu_clip[0], cfg.input.hu_clip[1])
+    src = volume.with_array(arr)
+    spacing = cfg.input.target_spacing or card.input.spacing
+    mv, record = to_model_grid(src, card.input.orientation, spacing)
+    norm = cfg.input.normalization or card.input.normalization
+    mv = normalize_intensity(mv, norm)
+    if progress:
+        progress("preprocess", 1.0)
+    t["preprocess"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    settings = inference_settings(card, cfg)
+    x = torch.from_numpy(np.ascontiguousarray(mv.array, dtype=np.float32))[None]
+    logits = model_grid_logits(
+        x, model, settings, augmentations(cfg), cfg.inference.tta.rotation_axes,
+        progress=(lambda f: progress("inference", f)) if progress else None,
+    )
+    heat_m = torch.sigmoid(logits[:, :1]).numpy()[0]
+    t["inference"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    heat = to_source_grid(mv.with_array(heat_m), record, interpolation="linear")
+    out = np.clip(np.asarray(heat.array, dtype=np.float32), 0.0, 1.0)
+    t["resample"] = time.perf_counter() - t2
+    return Volume(out, volume.affine, {"kind": "heatmap", "model": card.name})
+
+
+def load_calibration(cfg: DetectionConfig) -> Calibration:
+    """The calibration named in ``post_processing.calibration`` (identity if none)."""
+    if cfg.post_processing.calibration:
+        return Calibration.load(cfg.post_processing.calibration)
+    return Calibration()
+
+
+def findings_from_heatmap(heat: Volume, image: Volume | None, cfg: DetectionConfig,
+                          calibration: Calibration | None = None) -> list[Finding]:
+    """Post-processing + triage on a source-grid heat map (see :mod:`.detection`)."""
+    img = None if image is None else np.asarray(image.array[0])
+    found = detect_findings(heat.array[0], heat.affine, img, cfg.post_processing)
+    (calibration or load_calibration(cfg)).apply(found)
+    return found
+
+
+def run_detection_on_volume(volume: Volume, card: Any, model: Callable[[Any], Any],
+                            config: DetectionConfig | dict[str, Any] | None = None,
+                            progress: Progress | None = None) -> Prediction:
+    """Detect findings in one scan (for the REST service and the CLI).
+
+    Parameters
+    ----------
+    volume : the scan (HU for CT), any orientation / spacing.
+    card, model : from :func:`medinfer.models.resolve_model` / :func:`load_model`.
+    config : :class:`DetectionConfig`, a mapping of it, or None (defaults).
+    progress : optional ``progress(stage, fraction)``.
+
+    Returns
+    -------
+    Prediction
+        ``heatmap`` float32 ``(1, I, J, K)`` on the source grid; ``label`` uint8 = heat map
+        ``>= post_processing.segmentation_threshold``; ``detections`` = list of finding
+        dicts exactly as in ``<case>_detections.json`` (``Finding.to_dict``); ``timings``.
+    """
+    cfg = _as_config(config)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    heat = run_heatmap(volume, card, model, cfg, progress, timings)
+    t1 = time.perf_counter()
+    found = findings_from_heatmap(heat, volume, cfg)
+    timings["postprocess"] = time.perf_counter() - t1
+    timings["total"] = time.perf_counter() - t0
+    if progress:
+        progress("postprocess", 1.0)
+    label = heat.with_array(
+        (heat.array >= cfg.post_processing.segmentation_threshold).astype(np.uint8))
+    pred = Prediction(label=label, heatmap=heat, detections=[f.to_dict() for f in found],
+                      timings=timings, model_name=card.name, model_version=str(card.version))
+    return pred
+
+
+#: ``predict`` flags that only concern segmentation outputs (the heat map NIfTI and the
+#: visualization PNG are always written as selected by ``output.formats``)
+_PREDICT_ONLY_FLAGS = ("save_probabilities", "overlay", "verbose")
+
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".dcm")
+
+
+def case_name(path: Path) -> str:
+    """Case id from a scan path: the name without image suffixes (``a.nii.gz`` -> ``a``)."""
+    name = path.name
+    for suf in _IMAGE_SUFFIXES:
+        if name.lower().endswith(suf):
+            return name[: -len(suf)] or name
+    return name
+
+
+def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
+    """Expand the inputs: files as given; a folder holding image files gives each file
+    (sorted; ``.nii``, ``.nii.gz``, ``.mha``, ``.mhd``, ``.nrrd``); any other folder is one
+    scan (a DICOM series folder).
+
+    Raises
+    ------
+    InvalidImageError
+        A path that does not exist, or no inputs at all.
+    """
+    out: list[Path] = []
+    for p in map(Path, inputs):
+        if not p.exists():
+            raise InvalidImageError(f"{p}: no such file or folder")
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
+                           and any(f.name.lower().endswith(s) for s in _IMAGE_SUFFIXES[:5]))
+            out.extend(files if files else [p])
+        else:
+            out.append(p)
+    if not out:
+        raise InvalidImageError("predict: no input scans given")
+    return out
+
+
+def write_case_outputs(
+    output_dir: Path,
+    case: str,
+    image: Volume,
+    heatmap: Volume,
+    detections: list[dict[str, Any]],
+    cfg: DetectionConfig,
+    *,
+    card: Any,
+    categories: Sequence[str],
+    processing_time: float,
+) -> dict[str, Path]:
+    """Write the per-scan files selected in ``cfg.output.formats``; returns kind -> path."""
+    from medinfer.io import save
+    from medinfer.reporting.detections import (
+        detection_document,
+        write_detections_csv,
+        write_detections_json,
+    )
+
+    fmts = set(cfg.output.formats)
+    vis = cfg.visualization
+    out: dict[str, Path] = {}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    doc = detection_document(case, image, detections, model=card.name,
+                             model_version=str(card.version), categories=categories,
+                             processing_time_seconds=processing_time)
+    if OutputFormat.JSON in fmts:
+        out["json"] = write_detections_json(doc, output_dir / f"{case}_detections.json")
+    if OutputFormat.CSV in fmts:
+        out["csv"] = write_detections_csv(detections, output_dir / f"{case}_detections.csv")
+    if OutputFormat.HEATMAP in fmts:
+        out["heatmap"] = save(heatmap, output_dir / f"{case}_heatmap.nii.gz")
+    png = output_dir / f"{case}_visualization.png"
+    if OutputFormat.PNG in fmts or OutputFormat.PDF in fmts:
+        from medinfer.reporting.detection_figures import write_visualization_png
+
+        write_visualization_png(png, image, heatmap, detections, colormap=vis.colormap,
+                                alpha=vis.alpha, num_slices=vis.num_slices,
+                                window_hu=vis.window_hu, dpi=vis.dpi,
+                                title=f"{case}: {len(detections)} finding(s)")
+        out["png"] = png
+    if OutputFormat.HTML in fmts:
+        from medinfer.reporting.detection_html import write_detection_html
+
+        out["html"] = write_detection_html(
+            output_dir / f"{case}_3d.html", image, heatmap, detections,
+            title=f"{case}: {len(detections)} finding(s) ({card.name})",
+            threshold=cfg.post_processing.segmentation_threshold, window_hu=vis.window_hu,
+            max_points=vis.html_max_points)
+    if OutputFormat.PDF in fmts:
+        from medinfer.reporting.detection_pdf import write_detection_pdf
+
+        out["pdf"] = write_detection_pdf(output_dir / f"{case}_report.pdf", doc, image,
+                                         overview_png=png, card=card,
+                                         window_hu=vis.window_hu)
+    if OutputFormat.PNG not in fmts and png.exists() and "pdf" in out:
+        png.unlink()
+        out.pop("png", None)
+    return out
+
+
+def _batch_summary(output_dir: Path, rows: list[dict[str, Any]], categories: Sequence[str],
+                   confidences: list[float], cfg: DetectionConfig) -> None:
+    total = sum(r["num_detections"] for r in rows)
+    times = [r["processing_time_seconds"] for r in rows]
+    per_cat = {c: sum(r["risk_categories"].get(c, 0) for r in rows) for c in categories}
+    summary = {
+        "num_scans": len(rows),
+        "num_detections": total,
+        "scans_with_detections": sum(1 for r in rows if r["num_detections"] > 0),
+        "detections_per_scan": total / len(rows) if rows else 0.0,
+        "risk_categories": per_cat,
+        "average_processing_time_seconds": sum(times) / len(times) if times else 0.0,
+        "scans": rows,
+    }
+    if cfg.output.batch_summary:
+        write_text_atomic(output_dir / "batch_summary.json", json.dumps(summary, indent=2) + "\n")
+        buf = io.StringIO()
+        cols = ["scan_id", "source", "num_detections", *categories, "processing_time_seconds"]
+        w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({"scan_id": r["scan_id"], "source": r["source"],
+                        "num_detections": r["num_detections"],
+                        **{c: r["risk_categories"].get(c, 0) for c in categories},
+                        "processing_time_seconds": r["processing_time_seconds"]})
+        write_text_atomic(output_dir / "batch_summary.csv", buf.getvalue())
+    if cfg.output.confidence_distribution:
+        from medinfer.reporting.detection_figures import write_confidence_distribution
+
+        write_confidence_distribution(output_dir / "confidence_distribution.png", confidences,
+                                      threshold=cfg.post_processing.threshold,
+                                      dpi=cfg.visualization.dpi)
+
+
+def predict_detection(
+    inputs: list[Path],
+    model: str | None,
+    config: Path | None,
+    output_dir: Path,
+    device: str,
+    overrides: dict[str, Any],
+    progress: Callable[[str, float], None] | None = None,
+) -> None:
+    """Detect findings in every input scan and write all outputs (see module doc).
+
+    Parameters
+    ----------
+    inputs : scan files and/or folders (a folder of NIfTI files is a batch; another folder
+        is one DICOM series).
+    model : bundled model name or model folder; None = ``model.name`` of the config.
+    config : detection YAML (``docs/detection.md``) or None for defaults.
+    output_dir : folder for the results (created).
+    device : ``cpu``, ``cuda``...; overrides ``model.device`` unless empty or ``auto``.
+    overrides : CLI flags (see :func:`medinfer.postprocess.detection_config.apply_overrides`);
+        ``series_uid`` selects a DICOM series; ``save_probabilities``, ``overlay`` and
+        ``verbose`` are ignored (outputs follow ``output.formats``).
+
+    Raises
+    ------
+    ConfigError
+        Invalid config or overrides; no model named.
+    ModelError
+        The model cannot be loaded or is not a detection model.
+    InvalidImageError
+        An input cannot be read.
+    """
+    from medinfer.io import load
+    from medinfer.models import load_model, resolve_model
+
+    ov = dict(overrides or {})
+    series_uid = ov.pop("series_uid", None)
+    for key in _PREDICT_ONLY_FLAGS:  # flags of the segmentation path with no meaning here
+        ov.pop(key, None)
+    cfg = load_detection_config(config, ov)
+    name = model or cfg.model.name
+    if not name:
+        raise ConfigError("model.name: no model given; pass --model or set model.name in the "
+                          "config (e.g. demo-nodules)")
+    card, model_dir = resolve_model(name)
+    if str(card.task.value) != "detection":
+        raise ModelError(f"model {card.name!r}: task is {card.task.value!r}; detection "
+                         "outputs need a model card with task: detection")
+    dev = cfg.model.device if device in (None, "", "auto") else device
+    net = load_model(card, model_dir, dev)
+    calibration = load_calibration(cfg)
+    categories = calibration.category_names
+    files = collect_inputs(inputs)
+    output_dir = Path(output_dir)
+    rows: list[dict[str, Any]] = []
+    confidences: list[float] = []
+    seen: dict[str, int] = {}
+    for n, f in enumerate(files):
+        t0 = time.perf_counter()
+        case = case_name(f)
+        if case in seen:  # same name from two folders: keep both
+            seen[case] += 1
+            case = f"{case}_{seen[case]}"
+        else:
+            seen[case] = 0
+
+        def prog(stage: str, frac: float, n: int = n) -> None:
+            if progress is not None:
+                progress(stage, (n + frac) / len(files))
+
+        image = load(f, series_uid=series_uid) if series_uid else load(f)
+        heat = run_heatmap(image, card, net, cfg, prog)
+        found = findings_from_heatmap(heat, image, cfg, calibration)
+        dets = [x.to_dict() for x in found]
+        elapsed = time.perf_counter() - t0
+        write_case_outputs(output_dir, case, image, heat, dets, cfg, card=card,
+                           categories=categories, processing_time=elapsed)
+        counts = {c: 0 for c in categories}
+        for d in dets:
+            if d["triage"]["risk_category"] is not None:
+                counts[d["triage"]["risk_category"]] = \
+                    counts.get(d["triage"]["risk_category"], 0) + 1
+        confidences += [d["confidence"] for d in dets]
+        rows.append({"scan_id": case, "source": str(f), "num_detections": len(dets),
+                     "risk_categories": counts,
+                     "processing_time_seconds": round(time.perf_counter() - t0, 3)})
+        LOG.info("%s: %d finding(s) in %.1f s", case, len(dets), time.perf_counter() - t0)
+    _batch_summary(output_dir, rows, categories, confidences, cfg)
