@@ -346,9 +346,12 @@ def write_nifti(
     written back with that stored type and ``scl_slope``/``scl_inter`` when this is
     exact. NIfTI-2 is used only when a dimension exceeds 32767.
 
-    Header: sform (exact affine) and qform (nearest rigid + zoom) both from the affine,
-    with the source's codes from ``meta["nifti"]`` when present, else code 1 (scanner);
-    spatial unit mm; temporal unit and pixdim[4] reused for 4-D data.
+    Header: sform (exact affine) and qform (rigid + zoom) both from the affine, with the
+    source's codes from ``meta["nifti"]`` carried unchanged when present, else 1/1
+    (scanner); qform code 0 when the affine cannot be expressed as a qform (sheared),
+    see :func:`_set_xforms`; spatial unit mm; temporal unit and pixdim[4] reused for 4-D
+    data. ``meta["intent"] == "label"`` (label maps) sets ``intent_code``
+    NIFTI_INTENT_LABEL (1002) and ``cal_min`` / ``cal_max`` 0 / largest label.
 
     Raises
     ------
@@ -375,12 +378,11 @@ def write_nifti(
     hdr = nib.Nifti1Header() if version == 1 else nib.Nifti2Header()
     hdr.set_data_dtype(data.dtype)
     hdr.set_data_shape(data.shape)
-    qcode = int(src.get("qform_code") or 0)
-    scode = int(src.get("sform_code") or 0)
-    scode = scode if scode > 0 else (qcode if qcode > 0 else 1)
-    qcode = qcode if qcode > 0 else scode
-    hdr.set_sform(volume.affine, code=scode)
-    hdr.set_qform(volume.affine, code=qcode)
+    _set_xforms(hdr, volume.affine, src)
+    if str(volume.meta.get("intent") or "") == "label":
+        hdr.set_intent("label")
+        hdr["cal_min"] = 0.0
+        hdr["cal_max"] = float(data.max()) if data.size else 0.0
     t_unit = str(src.get("temporal_unit") or "unknown")
     if t_unit not in ("sec", "msec", "usec", "hz", "ppm", "rads", "unknown"):
         t_unit = "unknown"
@@ -405,6 +407,47 @@ def write_nifti(
         else:
             _write_payload(raw_f, header_bytes, data, stored)
     return p
+
+
+def _set_xforms(hdr: Any, affine: np.ndarray, src: Mapping[str, Any]) -> None:
+    """sform / qform of ``hdr`` from ``affine`` with the source's codes, kept consistent.
+
+    Codes: the source's ``qform_code`` / ``sform_code`` (``meta["nifti"]``) are carried
+    as they are (e.g. 2/2, 0/2, 0/4); a source without codes (or a non-NIfTI source)
+    gets 1/1 (scanner). The sform always holds the exact affine when its code is > 0.
+    The qform can only hold a rigid rotation (possibly with qfac -1) times zooms; when
+    the affine is not of that form (a sheared or non-orthogonal sform: nibabel's nearest
+    rigid qform differs from it by more than 1e-5 of the voxel size in the matrix or
+    1e-4 mm in the offset), the qform code is
+    set to 0 (qform unused) and the sform code to the source's code (or 1), so that
+    nibabel and ITK never read two different grids (ITK then refuses the file, which
+    it cannot represent, rather than reading the qform grid).
+    """
+    qcode = int(src.get("qform_code") or 0)
+    scode = int(src.get("sform_code") or 0)
+    if qcode <= 0 and scode <= 0:
+        qcode = scode = 1
+    hdr.set_qform(affine, code=max(qcode, 1))
+    q = hdr.get_qform()
+    zoom = float(np.linalg.norm(affine[:3, :3], axis=0).max())
+    if not (
+        np.allclose(q[:3, :3], affine[:3, :3], rtol=0.0, atol=1e-5 * zoom)
+        and np.allclose(q[:3, 3], affine[:3, 3], rtol=1e-6, atol=1e-4)
+    ):
+        hdr.set_qform(None, code=0)
+        scode = scode if scode > 0 else qcode
+        qcode = 0
+    elif qcode <= 0:
+        hdr.set_qform(None, code=0)
+    else:
+        hdr.set_qform(affine, code=qcode)
+    pixdim = hdr["pixdim"]
+    pixdim[1:4] = np.linalg.norm(affine[:3, :3], axis=0)
+    hdr["pixdim"] = pixdim
+    if scode > 0:
+        hdr.set_sform(affine, code=scode)
+    else:
+        hdr.set_sform(None, code=0)
 
 
 def _write_payload(f: Any, header: bytes, data: np.ndarray, stored: np.dtype[Any]) -> None:
