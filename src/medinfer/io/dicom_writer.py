@@ -16,12 +16,17 @@ against I x J (a left-handed voxel grid, e.g. LAS), the files are valid, and a r
 that sorts slices along the normal (all of them, including :func:`read_dicom`) returns
 the slices in reverse order; the world geometry is the same.
 
-Pixel encoding: integers (and bool) that fit are stored as they are: uint8 in 8 bits,
+Pixel encoding: integers (and bool) that fit are stored as they are: uint8 in 16 unsigned
+bits (the CT and MR IODs require BitsAllocated 16; BitsStored 8 for MR, 16 for CT),
 other unsigned values up to 65535 in 16 unsigned bits, signed values within int16 in 16
 signed bits; slope 1, intercept 0. Float data whose values are all integers in that
 range are stored the same way. Other data are stored as uint16 with RescaleIntercept =
 minimum and RescaleSlope = (maximum - minimum) / 65535 (quantisation error at most half
 a slope step); NaN or infinite values raise :class:`~medinfer.errors.InvalidImageError`.
+
+Conformance: the files pass ``dciodvfy`` (dicom3tools) without errors: ImageType has its
+value 3, Type 2C Laterality and PatientPosition are present (empty: unknown), and MR files
+carry RescaleSlope/Intercept only when they are not the identity.
 
 Files: ``IM00000.dcm``, ``IM00001.dcm``... Explicit VR Little Endian, with File Meta
 Information (PS3.10). With ``shuffle_seed`` the file names and InstanceNumbers follow a
@@ -127,6 +132,12 @@ def write_dicom_series(
     geo = _geometry(volume.affine)
     data = volume.array[0]
     encoded, slope, intercept, bits_alloc, signed = _encoding(data)
+    bits_stored = bits_alloc
+    if bits_alloc == 8:
+        # CT and MR Image modules: BitsAllocated 16 (C.8.2.1, C.8.3.1); MR keeps
+        # BitsStored 8 (read back as uint8), CT needs BitsStored 12 to 16
+        encoded, bits_alloc = encoded.astype(np.uint16), 16
+        bits_stored = 16 if mod is DicomModality.CT else 8
     n_i, n_j, n_k = volume.spatial_shape
     study_uid = study_instance_uid or generate_uid()
     series_uid = series_instance_uid or generate_uid()
@@ -154,6 +165,7 @@ def write_dicom_series(
                 cols=n_i,
                 pixels=np.ascontiguousarray(encoded[:, :, k].T),
                 bits_alloc=bits_alloc,
+                bits_stored=bits_stored,
                 signed=signed,
                 slope=slope,
                 intercept=intercept,
@@ -245,6 +257,7 @@ def _slice_dataset(
     cols: int,
     pixels: np.ndarray,
     bits_alloc: int,
+    bits_stored: int,
     signed: bool,
     slope: float,
     intercept: float,
@@ -271,7 +284,9 @@ def _slice_dataset(
     ds = Dataset()
     ds.file_meta = meta
     ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.ImageType = ["DERIVED", "SECONDARY"]
+    # value 3: CT "AXIAL" (enumerated, C.8.2.1.1.1; any slice plane), MR "OTHER" (defined
+    # term, C.8.3.1.1.1)
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL" if mod is DicomModality.CT else "OTHER"]
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = date
@@ -303,6 +318,10 @@ def _slice_dataset(
     ds.SeriesInstanceUID = series_uid
     ds.StudyID = ""
     ds.SeriesNumber = int(series_number)
+    # Type 2C in General Series (C.7.3.1): Laterality when the body part is paired, and
+    # PatientPosition for CT and MR; not known here, so present and empty (Type 2)
+    ds.Laterality = ""
+    ds.PatientPosition = ""
     ds.AcquisitionNumber = 1
     ds.InstanceNumber = instance_number
     ds.PatientOrientation = ""
@@ -319,15 +338,17 @@ def _slice_dataset(
     ds.Columns = cols
     ds.PixelSpacing = [_ds(sy), _ds(sx)]
     ds.BitsAllocated = bits_alloc
-    ds.BitsStored = bits_alloc
-    ds.HighBit = bits_alloc - 1
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
     ds.PixelRepresentation = 1 if signed else 0
     lo, hi = window
     ds.WindowCenter = _ds((lo + hi) / 2.0)
     ds.WindowWidth = _ds(max(hi - lo, 1.0))
-    ds.RescaleIntercept = _ds(intercept)
-    ds.RescaleSlope = _ds(slope)
-    ds.RescaleType = "HU" if mod is DicomModality.CT else "US"
+    if mod is DicomModality.CT or slope != 1.0 or intercept != 0.0:
+        # the MR IOD has no Modality LUT module: written only where the values need it
+        ds.RescaleIntercept = _ds(intercept)
+        ds.RescaleSlope = _ds(slope)
+        ds.RescaleType = "HU" if mod is DicomModality.CT else "US"
     dtype = {(8, False): "<u1", (16, False): "<u2", (16, True): "<i2"}[(bits_alloc, signed)]
     data = np.asarray(pixels, dtype=dtype).tobytes()
     ds.PixelData = data + b"\x00" if len(data) % 2 else data  # even length (PS3.5 7.1.1)
