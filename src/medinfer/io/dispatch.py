@@ -17,6 +17,7 @@ def load(
     *,
     series_uid: str | None = None,
     max_bytes: int | None = None,
+    reference: str | os.PathLike[str] | Volume | None = None,
 ) -> Volume:
     """Load a scan as a :class:`Volume` (array ``(C, I, J, K)``, affine voxel -> RAS+ mm).
 
@@ -32,6 +33,10 @@ def load(
         (ignored for NIfTI).
     max_bytes : limit on the array size, checked before allocating (default 4 GiB or
         ``MEDINFER_MAX_IMAGE_BYTES``).
+    reference : for a DICOM SEG / RTSTRUCT / SR file: the source series folder (or its
+        Volume); the label map comes back on its grid
+        (:func:`medinfer.io.dicom_results.read_dicom_result`). ``series_uid`` then picks
+        the series in that folder.
 
     Raises
     ------
@@ -50,6 +55,14 @@ def load(
         from medinfer.io.nifti import read_nifti
 
         return read_nifti(p, max_bytes=max_bytes)
+    if p.is_file():
+        from medinfer.io.dicom_results import read_dicom_result
+
+        derived = read_dicom_result(p, reference=reference, series_uid=series_uid)
+        if derived is not None:
+            return derived
+    if reference is not None:
+        raise ConfigError(f"{p}: reference= applies to DICOM SEG, RTSTRUCT and SR files only")
     from medinfer.io.dicom import read_dicom
 
     return read_dicom(p, series_uid=series_uid, max_bytes=max_bytes)
