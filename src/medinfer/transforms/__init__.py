@@ -1,8 +1,10 @@
 """Geometry-aware preprocessing with exact inverses.
 
 Spatial (:mod:`medinfer.transforms.spatial`): reorientation, resampling to a spacing,
-crop/pad, and the model-grid round trip :func:`to_model_grid` /
-:func:`to_source_grid`. Intensity (:mod:`medinfer.transforms.intensity`):
+crop/pad, the model-grid round trip :func:`to_model_grid` /
+:func:`to_source_grid`, and :class:`SlabResampler` (separable resampling of any slab of
+output rows from only the input rows it needs; bitwise equal to the whole-array result),
+built from per-axis :class:`AxisPlan` s. Intensity (:mod:`medinfer.transforms.intensity`):
 :func:`normalize_intensity` (CT window, percentile, z-score).
 """
 
@@ -12,9 +14,11 @@ from medinfer.transforms.intensity import (
     validate_intensity_spec,
 )
 from medinfer.transforms.spatial import (
+    AxisPlan,
     CropPadRecord,
     Interpolation,
     PadMode,
+    SlabResampler,
     SpatialRecord,
     crop_or_pad,
     crop_to_nonzero,
@@ -30,10 +34,12 @@ from medinfer.transforms.spatial import (
 )
 
 __all__ = [
+    "AxisPlan",
     "CropPadRecord",
     "IntensityMethod",
     "Interpolation",
     "PadMode",
+    "SlabResampler",
     "SpatialRecord",
     "crop_or_pad",
     "crop_to_nonzero",

@@ -70,9 +70,11 @@ from medinfer.errors import ConfigError, GeometryError, parse_enum
 from medinfer.volume import Volume, validate_affine
 
 __all__ = [
+    "AxisPlan",
     "CropPadRecord",
     "Interpolation",
     "PadMode",
+    "SlabResampler",
     "SpatialRecord",
     "crop_or_pad",
     "crop_to_nonzero",
@@ -427,11 +429,25 @@ def _separable_perm(m: np.ndarray, dst_shape: tuple[int, int, int]) -> list[int]
     return perm
 
 
-class _AxisPlan:
-    """One 1-D pass along an axis of length ``n`` giving ``m`` samples.
+class AxisPlan:
+    """One 1-D sampling pass: ``m`` output samples read from an axis of ``n`` input voxels.
 
-    ``kind`` is ``"slice"`` (gather that is an arithmetic progression: a view),
-    ``"take"`` (gather of ``i0``) or ``"lerp"`` (``(1 - w) * a[i0] + w * a[i1]``).
+    The building block of separable resampling (:class:`SlabResampler`). Output sample
+    ``t`` is ``a[i0[t]]`` (a gather) or ``(1 - w[t]) * a[i0[t]] + w[t] * a[i1[t]]`` (linear
+    interpolation), indices in input voxels, ``0 <= i0, i1 < n``. ``kind`` is
+    ``"slice"`` (a gather that is an arithmetic progression: done as a view, no copy),
+    ``"take"`` (a gather) or ``"lerp"`` (linear).
+
+    Parameters
+    ----------
+    n : length of the input axis (voxels).
+    i0 : ``(m,)`` integer input indices.
+    i1, w : ``(m,)`` second input indices and weights in ``[0, 1)``, for linear samples;
+        omitted (or all weights 0) = gather.
+
+    Use :meth:`from_coords` to sample continuous voxel positions, :meth:`identity` for an
+    untouched axis, ``AxisPlan(n, indices)`` for any other gather (e.g. nnU-Net's
+    order-0 export).
     """
 
     def __init__(
@@ -456,8 +472,16 @@ class _AxisPlan:
             self.sl = slice(int(i0[0]), None if stop < 0 else stop, step)
 
     @classmethod
-    def from_coords(cls, coords: np.ndarray, n: int, interp: Interpolation) -> _AxisPlan:
-        """Plan sampling continuous voxel positions ``coords`` (border-clamped)."""
+    def from_coords(
+        cls, coords: np.ndarray, n: int, interp: Interpolation | str = Interpolation.LINEAR
+    ) -> AxisPlan:
+        """Plan sampling continuous voxel positions ``coords`` (float, input voxels).
+
+        Positions outside ``[0, n - 1]`` are clamped to the border (edge values
+        repeated). ``"nearest"`` rounds half up; positions within 1e-5 voxel of a grid
+        point are taken as that grid point (no interpolation weight).
+        """
+        interp = parse_enum(Interpolation, interp, "interpolation")
         x = np.clip(coords, 0.0, n - 1.0)
         if interp is Interpolation.NEAREST:
             xs = np.round(x / _SNAP_VOX) * _SNAP_VOX
@@ -472,26 +496,42 @@ class _AxisPlan:
         return cls(n, i0i, np.minimum(i0i + 1, n - 1), w)
 
     @classmethod
-    def identity(cls, n: int) -> _AxisPlan:
+    def identity(cls, n: int) -> AxisPlan:
+        """The plan that keeps an axis of ``n`` voxels as it is."""
         return cls(n, np.arange(n, dtype=np.intp))
 
     @property
     def is_identity(self) -> bool:
+        """True if the pass would return its input unchanged."""
         return self.kind == "slice" and self.m == self.n and self.sl == slice(0, self.n, 1)
 
-    def sub(self, t0: int, t1: int) -> tuple[int, int, _AxisPlan]:
+    @property
+    def need_lo(self) -> np.ndarray:
+        """``(m,)`` lowest input index each output sample reads."""
+        return np.minimum(self.i0, self.i1)
+
+    @property
+    def need_hi(self) -> np.ndarray:
+        """``(m,)`` highest input index each output sample reads."""
+        return np.maximum(self.i0, self.i1)
+
+    def sub(self, t0: int, t1: int) -> tuple[int, int, AxisPlan]:
         """Plan for outputs ``t0:t1`` reading only input ``lo:hi``; returns (lo, hi, plan)."""
         i0 = self.i0[t0:t1]
         i1 = self.i1[t0:t1]
         lo = int(min(i0.min(), i1.min()))
         hi = int(max(i0.max(), i1.max())) + 1
         if self.kind == "lerp":
-            return lo, hi, _AxisPlan(hi - lo, i0 - lo, i1 - lo, self.w[t0:t1])
-        return lo, hi, _AxisPlan(hi - lo, i0 - lo)
+            return lo, hi, AxisPlan(hi - lo, i0 - lo, i1 - lo, self.w[t0:t1])
+        return lo, hi, AxisPlan(hi - lo, i0 - lo)
+
+
+#: former private name, kept for callers written before the public API
+_AxisPlan = AxisPlan
 
 
 def _pass(
-    arr: np.ndarray, axis: int, plan: _AxisPlan, dtype: np.dtype, out: np.ndarray | None
+    arr: np.ndarray, axis: int, plan: AxisPlan, dtype: np.dtype, out: np.ndarray | None
 ) -> np.ndarray:
     """One 1-D pass along ``axis`` of a 3-D array: gather or linear interpolation."""
     out_shape = list(arr.shape)
@@ -538,7 +578,7 @@ def _pass(
 _AXIS_COST = (1.0, 2.0, 4.0)
 
 
-def _pass_cost(seq: Sequence[int], shape: list[int], plans: list[_AxisPlan]) -> float:
+def _pass_cost(seq: Sequence[int], shape: list[int], plans: list[AxisPlan]) -> float:
     cost = 0.0
     cur = list(shape)
     for c in seq:
@@ -546,6 +586,279 @@ def _pass_cost(seq: Sequence[int], shape: list[int], plans: list[_AxisPlan]) -> 
         weight = _AXIS_COST[c] if plans[c].kind == "lerp" else 0.5 * _AXIS_COST[c]
         cost += weight * float(np.prod(cur))
     return cost
+
+
+class SlabResampler:
+    """Separable resampling between two grids, any slab of output rows at a time.
+
+    The one implementation of separable resampling in medinfer: :func:`resample_to_grid`,
+    :func:`to_model_grid` and :func:`to_source_grid` use it for the whole array, the
+    streaming engine (:class:`medinfer.inference.SlabExporter`) for slabs of the output
+    as soon as the input rows they need exist.
+
+    Contract
+    --------
+    - Output axis ``c`` is sampled from input axis ``perm[c]`` with ``plans[c]``
+      (an :class:`AxisPlan` per output axis; ``plans[c].n`` is the length of input axis
+      ``perm[c]``, ``plans[c].m`` the length of output axis ``c``).
+    - :meth:`resample` of output indices ``[start, stop)`` along one output axis reads
+      only input indices ``source_range(axis, start, stop)`` of input axis
+      ``perm[axis]``; the caller hands in a block holding at least those input rows.
+    - **Bitwise equality**: every output value gets the same float operations in the
+      same order whatever slab it is computed in: the work is cut into the same slabs of
+      output axis 0 (about 8 MB each) with the same order of 1-D passes per slab (least
+      estimated work), restricted to the requested range. So a volume assembled from
+      slabs equals the whole-array result exactly.
+    - Output dtype: float32 for linear passes (float64 kept for float64 input), the
+      input dtype for pure gathers (nearest, shifts, flips). Memory: the output slab plus
+      a few slab-sized temporaries.
+
+    Parameters
+    ----------
+    out_shape : output grid ``(I', J', K')``.
+    perm : ``perm[c]`` = input axis read by output axis ``c`` (a permutation of 0, 1, 2).
+    plans : per output axis, the :class:`AxisPlan` along input axis ``perm[c]``.
+
+    Raises
+    ------
+    GeometryError
+        ``perm`` is not a permutation, or a plan does not match ``out_shape``.
+
+    See :meth:`from_grids` to build one from two affines (a scan and its model grid).
+    """
+
+    def __init__(
+        self, out_shape: Sequence[int], perm: Sequence[int], plans: Sequence[AxisPlan]
+    ) -> None:
+        self.out_shape = _shape3(out_shape, "out_shape")
+        self.perm = tuple(int(p) for p in perm)
+        if sorted(self.perm) != [0, 1, 2]:
+            raise GeometryError(f"perm: {list(perm)!r} is not a permutation of 0, 1, 2")
+        self.plans = list(plans)
+        if len(self.plans) != 3 or any(
+            p.m != n for p, n in zip(self.plans, self.out_shape, strict=True)
+        ):
+            raise GeometryError(
+                f"plans: expected 3 axis plans with {self.out_shape} output samples, got "
+                f"{[p.m for p in self.plans]}"
+            )
+        self._slabs: dict[int, list[tuple[int, int, tuple[int, ...]]]] = {}
+
+    @classmethod
+    def from_grids(
+        cls,
+        in_shape: Sequence[int],
+        in_affine: npt.ArrayLike,
+        out_shape: Sequence[int],
+        out_affine: npt.ArrayLike,
+        *,
+        interpolation: Interpolation | str = Interpolation.LINEAR,
+    ) -> SlabResampler:
+        """Resampler from grid ``(in_shape, in_affine)`` to grid ``(out_shape, out_affine)``.
+
+        Affines are 4x4 voxel -> RAS+ mm. Output voxel centres are mapped to input voxel
+        coordinates (output voxel -> mm -> input voxel) and sampled as described in the
+        module notes (border clamp, ``"linear"`` or ``"nearest"``).
+
+        Raises
+        ------
+        GeometryError
+            The voxel-to-voxel map is not separable (an oblique output grid): use
+            :func:`resample_to_grid`, which handles any map. :meth:`is_separable` tells
+            in advance.
+        ConfigError
+            Unknown ``interpolation``.
+        """
+        interp = parse_enum(Interpolation, interpolation, "interpolation")
+        src_shape = _shape3(in_shape, "in_shape")
+        dst_shape = _shape3(out_shape, "out_shape")
+        m = np.linalg.solve(validate_affine(in_affine), validate_affine(out_affine))
+        perm = _separable_perm(m[:3, :3], dst_shape)
+        if perm is None:
+            raise GeometryError(
+                "SlabResampler.from_grids: the output grid is oblique to the input grid "
+                "(voxel map not a signed permutation of a diagonal); use resample_to_grid"
+            )
+        return cls._from_map(src_shape, perm, m, dst_shape, interp)
+
+    @staticmethod
+    def is_separable(
+        in_affine: npt.ArrayLike, out_shape: Sequence[int], out_affine: npt.ArrayLike
+    ) -> bool:
+        """True if :meth:`from_grids` accepts these grids (always so between a scan and the
+        grid :func:`to_model_grid` made for it)."""
+        m = np.linalg.solve(validate_affine(in_affine), validate_affine(out_affine))
+        return _separable_perm(m[:3, :3], _shape3(out_shape, "out_shape")) is not None
+
+    @classmethod
+    def _from_map(
+        cls,
+        src_shape: Sequence[int],
+        perm: Sequence[int],
+        m: np.ndarray,
+        dst_shape: tuple[int, int, int],
+        interp: Interpolation,
+    ) -> SlabResampler:
+        plans = []
+        for c in range(3):
+            r = perm[c]
+            coords = m[r, c] * np.arange(dst_shape[c], dtype=np.float64) + m[r, 3]
+            plans.append(AxisPlan.from_coords(coords, int(src_shape[r]), interp))
+        return cls(dst_shape, perm, plans)
+
+    @property
+    def in_shape(self) -> tuple[int, int, int]:
+        """Input grid shape implied by the plans, in input axis order."""
+        shape = [0, 0, 0]
+        for c, p in enumerate(self.plans):
+            shape[self.perm[c]] = p.n
+        return (shape[0], shape[1], shape[2])
+
+    def source_range(self, axis: int, start: int, stop: int) -> tuple[int, int]:
+        """Input indices ``[lo, hi)`` along input axis ``perm[axis]`` read by output
+        indices ``[start, stop)`` along output ``axis``."""
+        lo, hi, _ = self.plans[axis].sub(start, stop)
+        return lo, hi
+
+    def _full_slabs(self, itemsize: int) -> list[tuple[int, int, tuple[int, ...]]]:
+        """``(T0, T1, pass order)`` of each slab of output axis 0 of the whole-array run."""
+        if itemsize in self._slabs:
+            return self._slabs[itemsize]
+        g = [AxisPlan.identity(p.m) if p.sl is not None else p for p in self.plans]
+        n0, n1, n2 = self.out_shape
+        step = max(1, _SLAB_BYTES // max(n1 * n2 * itemsize, 1))
+        slabs = []
+        for t0 in range(0, n0, step):
+            t1 = min(n0, t0 + step)
+            lo, hi, p0 = g[0].sub(t0, t1)
+            rows = hi - lo
+            if p0.sl is not None:
+                p0 = AxisPlan.identity(p0.m)
+                rows = p0.n
+            sub = [p0, g[1], g[2]]
+            shape = [rows, g[1].n, g[2].n]
+            todo = [c for c in range(3) if not sub[c].is_identity]
+            order = min(itertools.permutations(todo),
+                        key=lambda seq: _pass_cost(seq, shape, sub)) if todo else ()
+            slabs.append((t0, t1, tuple(order)))
+        self._slabs[itemsize] = slabs
+        return slabs
+
+    def resample(
+        self,
+        block: np.ndarray,
+        *,
+        axis: int = 0,
+        start: int = 0,
+        stop: int | None = None,
+        block_start: int = 0,
+        out_dtype: npt.DTypeLike | None = None,
+    ) -> np.ndarray:
+        """Output indices ``[start, stop)`` along output ``axis``, all of the other axes.
+
+        Parameters
+        ----------
+        block : ``(C, *input spatial)`` in input axis order; along input axis
+            ``perm[axis]`` it may hold only rows ``[block_start, block_start + len)``,
+            which must cover :meth:`source_range` ``(axis, start, stop)``. Any dtype.
+        axis : output axis of the range (0, 1 or 2).
+        start, stop : output index range along ``axis`` (default: the whole axis).
+        block_start : input index of the block's first row along input axis
+            ``perm[axis]``.
+        out_dtype : output dtype; default float32 for linear plans (float64 for float64
+            input), the input dtype for pure gathers.
+
+        Returns
+        -------
+        ``(C, *out_shape)`` with output axis ``axis`` restricted to ``stop - start``.
+
+        Raises
+        ------
+        GeometryError
+            Bad range, or ``block`` does not hold the input rows needed.
+        """
+        if axis not in (0, 1, 2):
+            raise GeometryError(f"axis: {axis!r} is not 0, 1 or 2")
+        n_ax = self.out_shape[axis]
+        stop = n_ax if stop is None else int(stop)
+        if not 0 <= start < stop <= n_ax:
+            raise GeometryError(f"range: [{start}, {stop}) is not inside [0, {n_ax}) of "
+                                f"output axis {axis}")
+        r_ax = self.perm[axis]
+        lo, hi = self.source_range(axis, start, stop)
+        have = block.shape[1 + r_ax] if block.ndim == 4 else -1
+        if block.ndim != 4 or block_start > lo or block_start + have < hi:
+            raise GeometryError(
+                f"block: shape {block.shape} from input row {block_start} along input axis "
+                f"{r_ax} does not hold input rows [{lo}, {hi}) (expected (C, I, J, K))"
+            )
+        for c in range(3):
+            if c != axis and block.shape[1 + self.perm[c]] != self.plans[c].n:
+                raise GeometryError(
+                    f"block: input axis {self.perm[c]} has {block.shape[1 + self.perm[c]]} "
+                    f"voxels, the plan expects {self.plans[c].n}"
+                )
+        linear = any(p.kind == "lerp" for p in self.plans)
+        if out_dtype is not None:
+            dtype = np.dtype(out_dtype)
+        elif linear:
+            dtype = _out_dtype(block.dtype, Interpolation.LINEAR)
+        else:
+            dtype = block.dtype
+        if block.dtype == np.bool_ and linear:
+            block = block.astype(np.float32)
+        # input axes -> output axis order (a view); along `axis` the block starts at
+        # input row block_start
+        held = block.transpose(0, *(p + 1 for p in self.perm))
+        k = held.shape[0]
+        shape = list(self.out_shape)
+        shape[axis] = stop - start
+        out = np.empty((k, *shape), dtype=dtype)
+        itemsize = max(dtype.itemsize, block.dtype.itemsize)
+        for s0, s1, order in self._full_slabs(itemsize):
+            # the output rows of this whole-array slab (axis 0), restricted to the range
+            ranges = [(0, n) for n in self.out_shape]
+            ranges[0] = (s0, s1)
+            if axis == 0:
+                ranges[0] = (max(s0, start), min(s1, stop))
+                if ranges[0][0] >= ranges[0][1]:
+                    continue
+            else:
+                ranges[axis] = (start, stop)
+            sub = []
+            view: list[slice] = [slice(None)]
+            for c in range(3):
+                a, b = ranges[c]
+                if (a, b) == (0, self.out_shape[c]) and c != axis:
+                    pc, l_c, h_c = self.plans[c], 0, held.shape[c + 1]
+                else:
+                    l_c, h_c, pc = self.plans[c].sub(a, b)
+                    if c == axis:
+                        l_c, h_c = l_c - block_start, h_c - block_start
+                view.append(slice(l_c, h_c))
+                sub.append(pc)
+            blk = held[tuple(view)]
+            # integer shifts / flips are plain views
+            view2: list[slice] = [slice(None)] * 4
+            for c in range(3):
+                if sub[c].sl is not None:
+                    view2[c + 1] = sub[c].sl
+                    sub[c] = AxisPlan.identity(sub[c].m)
+            blk = blk[tuple(view2)]
+            todo = [c for c in order if not sub[c].is_identity]
+            todo += [c for c in range(3) if c not in todo and not sub[c].is_identity]
+            tgt = (slice(None), *(slice(a - (start if c == axis else 0),
+                                        b - (start if c == axis else 0))
+                                  for c, (a, b) in enumerate(ranges)))
+            target = out[tgt]
+            for ch in range(k):
+                b_ = blk[ch]
+                if not todo:
+                    target[ch] = b_
+                    continue
+                for j, c in enumerate(todo):
+                    b_ = _pass(b_, c, sub[c], dtype, target[ch] if j == len(todo) - 1 else None)
+        return out
 
 
 def _resample_separable(
@@ -556,51 +869,9 @@ def _resample_separable(
     interp: Interpolation,
     out_dtype: np.dtype,
 ) -> np.ndarray:
-    # bring source axes into output order: output axis c <- source axis perm[c] (a view)
-    arr4 = src.transpose(0, *(p + 1 for p in perm))
-    plans = []
-    for c in range(3):
-        r = perm[c]
-        coords = m[r, c] * np.arange(dst_shape[c], dtype=np.float64) + m[r, 3]
-        plans.append(_AxisPlan.from_coords(coords, arr4.shape[c + 1], interp))
-    # integer shifts / flips are slices: free views
-    view: list[slice] = [slice(None)] * 4
-    for c, p in enumerate(plans):
-        if p.sl is not None:
-            view[c + 1] = p.sl
-            plans[c] = _AxisPlan.identity(p.m)
-    arr4 = arr4[tuple(view)]
-    out = np.empty((src.shape[0], *dst_shape), dtype=out_dtype)
-    # Work in slabs of output axis 0 (each reads only the input rows it needs), one
-    # channel at a time: intermediates stay slab-sized. Within a slab, the 1-D passes run
-    # in the order of least estimated work, the last one writing into the output.
-    row_bytes = dst_shape[1] * dst_shape[2] * max(out_dtype.itemsize, src.dtype.itemsize)
-    step = max(1, _SLAB_BYTES // max(row_bytes, 1))
-
-    def slab(ch: int, t0: int) -> None:
-        t1 = min(dst_shape[0], t0 + step)
-        lo, hi, p0 = plans[0].sub(t0, t1)
-        block = arr4[ch, lo:hi]
-        sub = [p0, plans[1], plans[2]]
-        if p0.sl is not None:
-            block = block[p0.sl]
-            sub[0] = _AxisPlan.identity(p0.m)
-        todo = [c for c in range(3) if not sub[c].is_identity]
-        target = out[ch, t0:t1]
-        if not todo:
-            target[...] = block
-            return
-        order = min(
-            itertools.permutations(todo),
-            key=lambda seq: _pass_cost(seq, list(block.shape), sub),
-        )
-        for k, c in enumerate(order):
-            block = _pass(block, c, sub[c], out_dtype, target if k == len(order) - 1 else None)
-
-    for ch in range(src.shape[0]):
-        for t0 in range(0, dst_shape[0], step):
-            slab(ch, t0)
-    return out
+    """Whole-array separable resampling: :meth:`SlabResampler.resample` of everything."""
+    resampler = SlabResampler._from_map(src.shape[1:], perm, m, dst_shape, interp)
+    return resampler.resample(src, out_dtype=out_dtype)
 
 
 def _resample_general(
