@@ -1,16 +1,23 @@
 """CLI sub-commands of the inference layer: ``medinfer predict``.
 
 ``medinfer predict INPUT... --model PATH_OR_NAME -o OUTDIR`` runs a model on scans and
-writes, per case, ``<case>_seg.nii.gz`` (label map on the exact source grid),
-``<case>_stats.json`` (per-label voxels and mL, timings, model, input geometry), and on
+writes, per case, ``<case>_seg.nii.gz`` (label map on the exact source grid, NIfTI
+intent NIFTI_INTENT_LABEL, the source's qform/sform codes), ``<case>_seg.ctbl`` (3D
+Slicer colour table: load it with the label map, names and colours from the model card),
+``<case>_seg.label.txt`` (ITK-SNAP label description: Segmentation > Import Label
+Descriptions), ``<case>_stats.json`` (per-label voxels and mL, timings, model, input
+geometry, the list of outputs), and on
 request ``<case>_prob.nii.gz`` and ``<case>_overlay.png``. Every file of a case is
 written atomically and only once the whole case has succeeded.
 
 Inputs: NIfTI files; folders of NIfTI files (each file one case); DICOM files; DICOM
 folders (a folder without NIfTI files directly inside is one DICOM case, read
-recursively; ``--series UID`` picks a series). Case names come from the file name
-(``.nii``/``.nii.gz`` stripped) or, for DICOM, the SeriesDescription, else the folder
-or file name.
+recursively; ``--series UID`` picks a series). Case names are stable case ids
+(:mod:`medinfer.batch`): the file name (``.nii``/``.nii.gz`` stripped) or, for DICOM,
+PatientID + StudyDate + SeriesNumber + a hash of the SeriesInstanceUID (``--name-by``);
+outputs of an earlier run are never replaced without ``--overwrite``; many cases run
+with ``--keep-going``, ``--continue``, ``--num-parts/--part-id``, ``--num-workers``,
+``--devices`` or ``--ray`` and leave a run manifest (``run.json``, ``cases.csv``).
 
 Detection models (card ``task: detection``) and ``--config`` runs are delegated to
 :func:`medinfer.detection.predict_detection`.
@@ -20,8 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +36,7 @@ import typer
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from medinfer.batch import BatchResult
     from medinfer.models.card import ModelCard
     from medinfer.prediction import Prediction
     from medinfer.volume import Volume
@@ -93,22 +99,6 @@ def discover_cases(inputs: list[Path]) -> list[CaseInput]:
     return cases
 
 
-def case_name(case: CaseInput, volume: Volume, taken: set[str]) -> str:
-    """File-system-safe, unique case name (``taken`` is updated)."""
-    if case.kind == "nifti":
-        base = strip_nifti_suffix(case.path.name)
-    else:
-        desc = str(volume.meta.get("series_description") or "").strip()
-        base = desc or (case.path.name if case.path.is_dir() else case.path.stem)
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or "case"
-    name, n = base, 2
-    while name in taken:
-        name = f"{base}_{n}"
-        n += 1
-    taken.add(name)
-    return name
-
-
 def case_summary(case: CaseInput, name: str, volume: Volume, pred: Prediction,
                  card: ModelCard, outputs: dict[str, str]) -> dict[str, Any]:
     """The ``<case>_stats.json`` content (JSON-serialisable)."""
@@ -131,17 +121,22 @@ def case_summary(case: CaseInput, name: str, volume: Volume, pred: Prediction,
 
 
 def write_case(out_dir: Path, name: str, case: CaseInput, volume: Volume,
-               pred: Prediction, card: ModelCard, *, overlay: bool) -> dict[str, Path]:
+               pred: Prediction, card: ModelCard, *, overlay: bool,
+               extra: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write all outputs of one case; all-or-nothing (temporary files renamed at the end).
 
-    Returns the written paths by kind (``seg``, ``prob``, ``stats``, ``overlay``).
+    Returns the written paths by kind (``seg``, ``colour_table``, ``label_description``,
+    ``prob``, ``stats``, ``overlay``).
     """
     import json
 
     from medinfer import io
     from medinfer._atomic import atomic_path
+    from medinfer.io.nifti import derived_from
 
-    paths = {"seg": out_dir / f"{name}_seg.nii.gz", "stats": out_dir / f"{name}_stats.json"}
+    paths = {"seg": out_dir / f"{name}_seg.nii.gz", "stats": out_dir / f"{name}_stats.json",
+             "colour_table": out_dir / f"{name}_seg.ctbl",
+             "label_description": out_dir / f"{name}_seg.label.txt"}
     if pred.probabilities is not None:
         paths["prob"] = out_dir / f"{name}_prob.nii.gz"
     if overlay:
@@ -149,16 +144,34 @@ def write_case(out_dir: Path, name: str, case: CaseInput, volume: Volume,
     save_overlay_png = _overlay_function() if overlay else None
     with contextlib.ExitStack() as stack:
         tmp = {k: stack.enter_context(atomic_path(p)) for k, p in paths.items()}
-        io.save(pred.label, tmp["seg"])
+        io.save(derived_from(pred.label, volume, label_map=True), tmp["seg"])
+        table = card_label_table(card)
+        tmp["colour_table"].write_text(table.to_ctbl(), encoding="utf-8")
+        tmp["label_description"].write_text(table.to_itksnap(), encoding="utf-8")
         if pred.probabilities is not None:
-            io.save(pred.probabilities, tmp["prob"])
+            io.save(derived_from(pred.probabilities, volume), tmp["prob"])
         if save_overlay_png is not None:
             save_overlay_png(volume, pred.label, tmp["overlay"], card.colors(),
                              names={v: s.name for v, s in card.labels.items()}, title=name)
         summary = case_summary(case, name, volume, pred, card,
                                {k: p.name for k, p in paths.items()})
+        summary.update(extra or {})  # case id, source, model hash, settings (medinfer.batch)
         tmp["stats"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return paths
+
+
+def card_label_table(card: ModelCard) -> Any:
+    """The card's labels (value -> name, colour) as a :class:`~medinfer.slices.labels.LabelTable`.
+
+    It writes the 3D Slicer colour table ``<case>_seg.ctbl`` and the ITK-SNAP label
+    description ``<case>_seg.label.txt`` beside each label map.
+    """
+    from medinfer.slices.labels import LabelTable
+
+    return LabelTable.from_mapping(
+        {v: {"name": s.name, "color": list(s.color)} for v, s in card.labels.items()},
+        source=f"model card {card.name!r} labels",
+    )
 
 
 def _overlay_function() -> Any:
@@ -208,26 +221,42 @@ def run_predict(
     checkpoint: str = "final",
     trust_model_code: bool = False,
     stream: bool = True,
-) -> list[dict[str, Path]]:
+    keep_going: bool | None = None,
+    skip_existing: bool = False,
+    overwrite: bool = False,
+    num_parts: int = 1,
+    part_id: int = 0,
+    num_workers: int = 1,
+    name_by: str = "uid",
+    devices: str | list[str] | None = None,
+    ray: str | None = None,
+) -> BatchResult:
     """The body of ``medinfer predict`` (usable from Python); returns written paths per case.
 
     ``model`` may also be an nnU-Net v2 model folder (``folds``, ``checkpoint``) or a MONAI
-    bundle (needs ``trust_model_code``); see :func:`medinfer.inference.batch.open_predictor`.
+    bundle (needs ``trust_model_code``); see :func:`medinfer.formats.open_predictor`.
     ``stream`` runs medinfer cards through the streaming engine (same labels, peak memory
     of one slab). Cases are pipelined: case n+1 is read and case n-1 written while case n
     is inferred (:func:`medinfer.inference.batch.run_batch`).
 
+    Cohort options (:mod:`medinfer.batch`): ``keep_going`` (default on for more than one
+    case: a failed case is recorded, the rest continue), ``skip_existing`` (``--continue``),
+    ``overwrite``, ``num_parts`` / ``part_id``, ``num_workers`` (reader / writer threads,
+    0 = sequential), ``name_by`` (``uid`` | ``description`` | ``path``), ``devices``
+    (``"cuda:0,cuda:1"``: one model per device), ``ray`` (a Ray address, ``""`` = default).
+    The returned list has ``.summary`` (counts, manifest path, case rows) and
+    ``.exit_code`` (0, 3 some cases failed, 2 all failed).
+
     Raises
     ------
     MedinferError
-        Any bad input (image, model, option); no output file of the failing case exists.
+        Any bad input (image, model, option); without ``keep_going`` the failing case's
+        error (unexpected exceptions as :class:`medinfer.batch.CaseFailedError`); no
+        output file of the failing case exists.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from medinfer import io
     from medinfer.errors import ConfigError
-    from medinfer.inference.batch import open_predictor, run_batch
     from medinfer.models.card import Task
     from medinfer.models.loaders import resolve_device, resolve_model
     from medinfer.models.monai_bundle import is_monai_bundle
@@ -253,62 +282,30 @@ def run_predict(
             card, _ = resolve_model(model or DEFAULT_MODEL)
         if config is not None or (card is not None and card.task is Task.DETECTION):
             _delegate_detection(inputs, model, config, output_dir, device, overrides)
-            return []
+            from medinfer.batch import BatchResult
+
+            return BatchResult()
 
     cases = discover_cases(inputs)
-    card, predictor = open_predictor(
-        model or DEFAULT_MODEL, device=device, tta=tta, overlap=overlap,
-        batch_size=batch_size, save_probabilities=save_probabilities, stream=stream,
-        folds=folds, checkpoint=checkpoint, trust_model_code=trust_model_code)
-    assert card is not None
-    written: list[dict[str, Path]] = []
-    taken: set[str] = set()
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[stage]}"),
-                  TimeElapsedColumn(), console=err, transient=True) as bar:
+    from medinfer.batch import execute_predict
 
-        # reader thread: read case n+1; this thread: infer case n; writer thread: write n-1
-        def load(item: tuple[int, CaseInput]) -> tuple[Volume, float]:
-            t0 = time.perf_counter()
-            volume = io.load(item[1].path, series_uid=series)
-            return volume, time.perf_counter() - t0
-
-        def infer(item: tuple[int, CaseInput], loaded: tuple[Volume, float]) -> Any:
-            i, case = item
-            volume, t_load = loaded
-            task_id = bar.add_task(f"[{i}/{len(cases)}] {case.path.name}", total=1.0,
-                                   stage="load")
-            name = case_name(case, volume, taken)
-
-            def progress(stage: str, fraction: float, _tid: Any = task_id) -> None:
-                bar.update(_tid, completed=fraction, stage=stage)
-
-            pred = predictor.predict(volume, progress=progress)
-            pred.timings = {"load": t_load, **pred.timings}
-            bar.update(task_id, stage="export")
-            return name, pred, task_id
-
-        def write(item: tuple[int, CaseInput], loaded: tuple[Volume, float], res: Any) -> Any:
-            name, pred, task_id = res
-            t1 = time.perf_counter()
-            paths = write_case(output_dir, name, item[1], loaded[0], pred, card,
-                               overlay=overlay)
-            pred.timings["export"] = time.perf_counter() - t1
-            return paths, name, pred, task_id
-
-        def done(_: int, item: tuple[int, CaseInput], res: Any) -> None:
-            paths, name, pred, task_id = res
-            bar.update(task_id, completed=1.0, stage="done")
-            bar.remove_task(task_id)
-            written.append(paths)
-            out.print(_label_table(name, pred))
-            if verbose:
-                err.print(_timings_line(pred.timings))
-
-        run_batch(list(enumerate(cases, 1)), load, infer, write, on_done=done)
-    out.print(f"Outputs for {len(written)} case(s) written to {output_dir.resolve()}")
-    for paths in written:
-        out.print("  " + ", ".join(p.name for p in paths.values()))
-    return written
+    predictor_kwargs = {
+        "model": model or DEFAULT_MODEL, "device": device, "tta": tta, "overlap": overlap,
+        "batch_size": batch_size, "save_probabilities": save_probabilities, "stream": stream,
+        "folds": folds, "checkpoint": checkpoint, "trust_model_code": trust_model_code,
+    }
+    # everything that changes the outputs (--continue redoes a case when these differ)
+    settings = {
+        "series": series, "tta": tta, "overlap": overlap, "stream": stream,
+        "save_probabilities": save_probabilities, "overlay": overlay, "folds": folds,
+        "checkpoint": checkpoint, "name_by": str(name_by),
+    }
+    return execute_predict(
+        cases, output_dir, predictor_kwargs=predictor_kwargs, settings=settings,
+        series=series, overlay=overlay, keep_going=keep_going, skip_existing=skip_existing,
+        overwrite=overwrite, num_parts=num_parts, part_id=part_id, num_workers=num_workers,
+        name_by=name_by, devices=devices, ray=ray, console=out, err=err, verbose=verbose,
+        label_table=_label_table)
 
 
 def _delegate_detection(inputs: list[Path], model: str | None, config: Path | None,
@@ -356,6 +353,31 @@ def register(app: typer.Typer) -> None:
         stream: bool = typer.Option(
             True, "--stream/--no-stream",
             help="Streaming engine (same labels, peak memory of one slab) or full volume."),
+        keep_going: bool | None = typer.Option(
+            None, "--keep-going/--no-keep-going",
+            help="Record a failed case and go on (exit 3 when some failed, 2 when all) "
+                 "[default: on for more than one case]."),
+        skip_existing: bool = typer.Option(
+            False, "--continue", "--skip-existing",
+            help="Skip cases whose outputs are complete for the same model and settings."),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Replace outputs an earlier run wrote for a case."),
+        num_parts: int = typer.Option(
+            1, "--num-parts", help="Split the cases into N parts (run each part anywhere)."),
+        part_id: int = typer.Option(0, "--part-id", help="Which part to run, 0..N-1."),
+        num_workers: int = typer.Option(
+            1, "--num-workers",
+            help="Reader and writer threads beside inference (0 = one case at a time)."),
+        name_by: str = typer.Option(
+            "uid", "--name-by",
+            help="Case ids: uid (DICOM PatientID_StudyDate_S<n>_<UID hash>; NIfTI file "
+                 "name), description (SeriesDescription) or path."),
+        devices: str | None = typer.Option(
+            None, "--devices", help="Spread cases over devices, e.g. cuda:0,cuda:1."),
+        ray: str | None = typer.Option(
+            None, "--ray",
+            help="Run on a Ray cluster: --ray (a running local cluster or a new one), "
+                 "--ray auto or --ray HOST:PORT. Needs medinfer[ray]."),
     ) -> None:
         """Run a model on scans; write label maps, statistics and (optionally) more.
 
@@ -363,8 +385,14 @@ def register(app: typer.Typer) -> None:
         model folder (<Trainer>__<Plans>__<configuration>) or a MONAI bundle folder.
         """
         fold_list = [f for v in folds or [] for f in v.replace(",", " ").split()] or None
-        run_predict(inputs, model=model, output_dir=output_dir, series=series, device=device,
-                    tta=tta, overlap=overlap, batch_size=batch_size,
-                    save_probabilities=save_probabilities, overlay=overlay, config=config,
-                    verbose=verbose, folds=fold_list, checkpoint=checkpoint,
-                    trust_model_code=trust_model_code, stream=stream)
+        result = run_predict(
+            inputs, model=model, output_dir=output_dir, series=series, device=device,
+            tta=tta, overlap=overlap, batch_size=batch_size,
+            save_probabilities=save_probabilities, overlay=overlay, config=config,
+            verbose=verbose, folds=fold_list, checkpoint=checkpoint,
+            trust_model_code=trust_model_code, stream=stream, keep_going=keep_going,
+            skip_existing=skip_existing, overwrite=overwrite, num_parts=num_parts,
+            part_id=part_id, num_workers=num_workers, name_by=name_by, devices=devices,
+            ray=ray)
+        if result.exit_code:
+            raise typer.Exit(result.exit_code)

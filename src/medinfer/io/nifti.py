@@ -13,7 +13,9 @@ becomes ``(C, I, J, K)``; 1-D and 2-D images get trailing axes of length 1. The 
 does the inverse (one channel -> 3-D file, C channels -> 4-D file with ``dim[4] = C``).
 
 Geometry: the affine is nibabel's "best affine" (sform if ``sform_code > 0``, else
-qform if ``qform_code > 0``, else the pixdim-only fallback), converted to millimetres
+qform if ``qform_code > 0``, else the pixdim-only fallback; codes the standard does not
+define, e.g. negative ones, count as 0 = unset, as nibabel's header check fixes them, and
+``meta["nifti"]`` records the codes so read), converted to millimetres
 from the header's spatial unit (``meter``/``micron``; ``unknown`` is taken as mm).
 NIfTI world coordinates are RAS+, so no axis flip is needed.
 
@@ -49,7 +51,7 @@ from medinfer.io._limits import check_array_size
 from medinfer.io.sniff import GZIP_ERRORS, nifti_version, read_head
 from medinfer.volume import Volume
 
-__all__ = ["NIFTI_SUFFIXES", "read_nifti", "write_nifti"]
+__all__ = ["NIFTI_SUFFIXES", "derived_from", "read_nifti", "write_nifti"]
 
 #: accepted output suffixes
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -60,6 +62,7 @@ _DATA_OFFSET = {1: 352, 2: 544}
 _UNIT_TO_MM = {"unknown": 1.0, "mm": 1.0, "meter": 1000.0, "micron": 1e-3}
 _NIFTI1_MAX_DIM = 32767
 _CHUNK = 1 << 24  # bytes per read call while decompressing
+_SCALE_BLOCK = 1 << 22  # raw bytes per block when scaling while reading
 _MAX_VOX_OFFSET = 1 << 26  # 64 MiB of header extensions at most
 
 
@@ -117,7 +120,8 @@ def read_nifti(path: str | os.PathLike[str], *, max_bytes: int | None = None) ->
     scaled = slope is not None
     out_dtype = _scaled_dtype(raw_dtype) if scaled else raw_dtype.newbyteorder("=")
     n_vox = int(np.prod(file_shape, dtype=object))
-    check_array_size(file_shape, max(out_dtype.itemsize, raw_dtype.itemsize), str(p), max_bytes)
+    # the reader holds the output array (plus one block of _SCALE_BLOCK bytes when scaling)
+    check_array_size(file_shape, out_dtype.itemsize, str(p), max_bytes)
     n_bytes = n_vox * raw_dtype.itemsize
     vox_offset = float(hdr["vox_offset"])
     if not np.isfinite(vox_offset) or vox_offset > _MAX_VOX_OFFSET:
@@ -135,12 +139,16 @@ def read_nifti(path: str | os.PathLike[str], *, max_bytes: int | None = None) ->
             )
     affine, spatial_unit = _affine_mm(p, hdr)
 
-    raw = _read_voxels(p, gz, offset, n_bytes).view(raw_dtype)
-    data = raw.reshape(file_shape, order="F")
     if slope is not None and inter is not None:
-        data = _apply_scaling(data, slope, inter, out_dtype)
-    elif not data.dtype.isnative:
-        data = data.astype(out_dtype)
+        # scaled block by block into the output: peak memory is the output array plus
+        # one block, never the raw buffer and the output together
+        flat = _read_voxels_scaled(p, gz, offset, n_vox, raw_dtype, slope, inter, out_dtype)
+        data = flat.reshape(file_shape, order="F")
+    else:
+        raw = _read_voxels(p, gz, offset, n_bytes).view(raw_dtype)
+        if not raw.dtype.isnative:
+            raw = raw.byteswap(inplace=True).view(out_dtype)  # in place: no second copy
+        data = raw.reshape(file_shape, order="F")
     array = data.reshape(vol_shape[1:] + (vol_shape[0],), order="F")
     array = np.moveaxis(array, -1, 0)
     if array.shape[0] == 1:
@@ -153,8 +161,8 @@ def read_nifti(path: str | os.PathLike[str], *, max_bytes: int | None = None) ->
         "datatype": raw_dtype.newbyteorder("=").name,
         "scl_slope": slope,
         "scl_inter": inter,
-        "qform_code": int(hdr["qform_code"]),
-        "sform_code": int(hdr["sform_code"]),
+        "qform_code": _xform_code(hdr, "qform_code"),
+        "sform_code": _xform_code(hdr, "sform_code"),
         "affine_source": _affine_source(hdr),
         "spatial_unit": spatial_unit,
         "temporal_unit": t_unit,
@@ -260,10 +268,20 @@ def _units(p: Path, hdr: Any) -> tuple[str, str]:
     return str(xyz), str(t)
 
 
+#: xform codes the NIfTI standard defines (nifti1.h NIFTI_XFORM_*; 5 = template, NIfTI-2)
+_VALID_XFORM_CODES = frozenset({1, 2, 3, 4, 5})
+
+
+def _xform_code(hdr: Any, key: str) -> int:
+    """The code as the standard (and nibabel's header check) reads it: unknown -> 0."""
+    code = int(hdr[key])
+    return code if code in _VALID_XFORM_CODES else 0
+
+
 def _affine_source(hdr: Any) -> str:
-    if int(hdr["sform_code"]) > 0:
+    if _xform_code(hdr, "sform_code") > 0:
         return "sform"
-    if int(hdr["qform_code"]) > 0:
+    if _xform_code(hdr, "qform_code") > 0:
         return "qform"
     return "pixdim"
 
@@ -276,7 +294,14 @@ def _affine_mm(p: Path, hdr: Any) -> tuple[np.ndarray, str]:
             f"{p}: NIfTI spatial unit {xyz!r} is not a length; accepted: mm, meter, micron"
         )
     try:
-        affine = np.array(hdr.get_best_affine(), dtype=np.float64)
+        source = _affine_source(hdr)
+        if source == "sform":
+            best = hdr.get_sform()
+        elif source == "qform":
+            best = hdr.get_qform()
+        else:
+            best = hdr.get_base_affine()
+        affine = np.array(best, dtype=np.float64)
     except (HeaderDataError, ValueError, np.linalg.LinAlgError) as exc:
         raise InvalidImageError(f"{p}: invalid NIfTI qform/sform ({exc})") from None
     affine[:3, :] *= factor
@@ -311,6 +336,62 @@ def _read_voxels(p: Path, gz: bool, offset: int, n_bytes: int) -> np.ndarray:
             f"{p}: corrupt or truncated gzip stream ({type(exc).__name__}: {exc})"
         ) from None
     return buf
+
+
+def _read_voxels_scaled(
+    p: Path,
+    gz: bool,
+    offset: int,
+    n_vox: int,
+    raw_dtype: np.dtype[Any],
+    slope: float,
+    inter: float,
+    out_dtype: np.dtype[Any],
+) -> np.ndarray:
+    """Read ``n_vox`` stored values and return ``raw * slope + inter`` as a flat array.
+
+    The same formula and precision as :func:`_apply_scaling` (computed in ``out_dtype``),
+    applied block by block so that only one block of raw bytes is held at a time.
+    """
+    out = np.empty(n_vox, dtype=out_dtype)
+    item = raw_dtype.itemsize
+    per = max(1, _SCALE_BLOCK // item)
+    block = np.empty(per * item, dtype=np.uint8)
+    view = memoryview(block)  # type: ignore[arg-type]
+    s, b = out_dtype.type(slope), out_dtype.type(inter)
+    try:
+        with open(p, "rb") as raw_f:
+            f: Any = gzip.GzipFile(fileobj=raw_f, mode="rb") if gz else raw_f
+            _skip(f, offset)
+            done = 0
+            while done < n_vox:
+                m = min(per, n_vox - done)
+                want = m * item
+                got = 0
+                while got < want:
+                    n = f.readinto(view[got:want])
+                    if not n:
+                        break
+                    got += n
+                if got < want:
+                    raise InvalidImageError(
+                        f"{p}: truncated NIfTI data: the header announces {n_vox * item:,} "
+                        f"bytes of voxel data but only {done * item + got:,} are present"
+                    )
+                seg = out[done : done + m]
+                seg[...] = block[:want].view(raw_dtype)
+                seg *= s
+                seg += b
+                done += m
+            if gz:
+                f.read(1 << 16)  # reach end of stream when nothing follows: checks the CRC
+    except InvalidImageError:
+        raise
+    except GZIP_ERRORS as exc:
+        raise InvalidImageError(
+            f"{p}: corrupt or truncated gzip stream ({type(exc).__name__}: {exc})"
+        ) from None
+    return out
 
 
 def _skip(f: IO[bytes], offset: int) -> None:
@@ -407,6 +488,23 @@ def write_nifti(
         else:
             _write_payload(raw_f, header_bytes, data, stored)
     return p
+
+
+def derived_from(output: Volume, source: Volume, *, label_map: bool = False) -> Volume:
+    """``output`` (a result on the grid of ``source``) with the meta :func:`write_nifti` uses.
+
+    Carries the source's NIfTI ``qform_code`` / ``sform_code`` (only those: the source's
+    datatype and scaling do not apply to a result) and, with ``label_map``, marks the
+    volume as a label map (``intent_code`` NIFTI_INTENT_LABEL). Array and affine are
+    shared, not copied.
+    """
+    src = source.meta.get("nifti") or {}
+    codes = {k: int(src[k]) for k in ("qform_code", "sform_code") if src.get(k) is not None}
+    meta = {k: v for k, v in output.meta.items() if k not in ("nifti", "intent")}
+    meta["nifti"] = codes
+    if label_map:
+        meta["intent"] = "label"
+    return Volume(output.array, output.affine, meta)
 
 
 def _set_xforms(hdr: Any, affine: np.ndarray, src: Mapping[str, Any]) -> None:

@@ -14,7 +14,9 @@ without a colour get one from a fixed palette.
 
 The 3D Slicer colour table (``.ctbl``) has one line per label,
 ``value name R G B A`` (names without spaces, alpha 0 for background, 255 else), as
-read by Slicer's ``vtkMRMLColorTableStorageNode``.
+read by Slicer's ``vtkMRMLColorTableStorageNode``. The ITK-SNAP label description
+(:meth:`LabelTable.to_itksnap`) is the text file ITK-SNAP's label editor imports
+(Segmentation > Import Label Descriptions).
 """
 
 from __future__ import annotations
@@ -206,3 +208,41 @@ class LabelTable:
     def write_ctbl(self, path: str | os.PathLike[str]) -> Path:
         """Write :meth:`to_ctbl` atomically."""
         return write_text_atomic(path, self.to_ctbl())
+
+    def to_itksnap(self) -> str:
+        """ITK-SNAP label description text (what its label editor exports and imports).
+
+        One line per label: ``IDX R G B A VIS MSH "LABEL"`` with colour 0-255, opacity
+        ``A`` in 0..1 (0 for background, 1 else), visibility and mesh flags (0 for
+        background, 1 else) and the quoted name (double quotes in names become single
+        quotes). Format: ITK-SNAP's ``LabelTableIO`` ("ITK-SnAP Label Description File").
+        """
+        lines = [
+            "################################################",
+            "# ITK-SnAP Label Description File",
+            "# File format: ",
+            "# IDX   -R-  -G-  -B-  -A--  VIS MSH  LABEL",
+            "# Fields: ",
+            "#    IDX:   Zero-based index ",
+            "#    -R-:   Red color component (0..255)",
+            "#    -G-:   Green color component (0..255)",
+            "#    -B-:   Blue color component (0..255)",
+            "#    -A-:   Label transparency (0.00 .. 1.00)",
+            "#    VIS:   Label visibility (0 or 1)",
+            "#    MSH:   Label mesh visibility (0 or 1)",
+            "#  LABEL:   Label description ",
+            "# Written by medinfer",
+            "################################################",
+        ]
+        for lab in self:
+            on = 0 if lab.value == 0 else 1
+            r, g, b = lab.color
+            name = lab.name.replace('"', "'")
+            lines.append(
+                f"{lab.value:5d} {r:5d} {g:4d} {b:4d} {on:8d} {on:2d} {on:2d}    \"{name}\""
+            )
+        return "\n".join(lines) + "\n"
+
+    def write_itksnap(self, path: str | os.PathLike[str]) -> Path:
+        """Write :meth:`to_itksnap` atomically."""
+        return write_text_atomic(path, self.to_itksnap())
