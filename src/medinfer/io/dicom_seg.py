@@ -71,7 +71,9 @@ __all__ = [
     "load_source_datasets",
     "read_dicom_seg",
     "read_label_metadata",
+    "on_source_grid",
     "segment_infos",
+    "source_grid",
     "write_dicom_seg",
 ]
 
@@ -506,6 +508,39 @@ def _match(label: Any, geometry: Any, what: str) -> Any:
     return matched
 
 
+def source_grid(
+    source: str | os.PathLike[str] | Sequence[Dataset], series_uid: str | None = None
+) -> tuple[list[Dataset], Any]:
+    """Source datasets in slice order and their grid as a ``highdicom.VolumeGeometry``.
+
+    The geometry's array axes are (slice, row, column) of the sorted datasets, its affine
+    maps them to LPS mm. Raises as :func:`load_source_datasets` and :func:`source_geometry`.
+    """
+    import highdicom as hd
+
+    ordered, src_aff = source_geometry(load_source_datasets(source, series_uid))
+    ds0 = ordered[0]
+    for_uid = str(ds0.get("FrameOfReferenceUID", "")) or None
+    geom = hd.VolumeGeometry(src_aff, (len(ordered), int(ds0.Rows), int(ds0.Columns)),
+                             coordinate_system="PATIENT", frame_of_reference_uid=for_uid)
+    return ordered, geom
+
+
+def on_source_grid(array_ijk: np.ndarray, affine_ras: np.ndarray, geometry: Any,
+                   what: str) -> np.ndarray:
+    """A medinfer ``(I, J, K)`` array (RAS+ affine) as ``(slice, row, column)`` of the source.
+
+    Only axis permutations and flips are done (no resampling).
+
+    Raises
+    ------
+    GeometryError
+        The array's grid is not ``geometry`` up to axis order and flips.
+    """
+    hv = _to_hd_volume(array_ijk, affine_ras, geometry.frame_of_reference_uid)
+    return np.asarray(_match(hv, geometry, what).array)
+
+
 # ---------------------------------------------------------------------------- writer
 def write_dicom_seg(
     label: Volume,
@@ -592,12 +627,8 @@ def write_dicom_seg(
         metadata = read_label_metadata(metadata)
     infos = segment_infos(card, metadata)
 
-    datasets = load_source_datasets(source, series_uid)
-    ordered, src_aff = source_geometry(datasets)
+    ordered, geom = source_grid(source, series_uid)
     ds0 = ordered[0]
-    for_uid = str(ds0.get("FrameOfReferenceUID", "")) or None
-    geom = hd.VolumeGeometry(src_aff, (len(ordered), int(ds0.Rows), int(ds0.Columns)),
-                             coordinate_system="PATIENT", frame_of_reference_uid=for_uid)
     lab = np.asarray(label.array[0])
     present = [int(v) for v in np.unique(lab) if v != 0]
     if stype is SegmentationType.FRACTIONAL:
@@ -613,8 +644,7 @@ def write_dicom_seg(
         values = [c if first else 1 for c in channels]
         keep = [i for i, a in enumerate(q) if a.any()]
         present = [values[i] for i in keep]
-        planes = [_match(_to_hd_volume(q[i], label.affine, for_uid), geom, str(path)).array
-                  for i in keep]
+        planes = [on_source_grid(q[i], label.affine, geom, str(path)) for i in keep]
     else:
         planes = []
     for v in present:
@@ -638,11 +668,10 @@ def write_dicom_seg(
         pixels = np.stack(planes, axis=-1) if planes else np.zeros((*shape, 0), np.uint8)
         pixel_array: Any = pixels.astype(np.float32) / 255.0
     else:
-        hv = _match(_to_hd_volume(lab, label.affine, for_uid), geom, str(path))
+        arr = on_source_grid(lab, label.affine, geom, str(path))
         seg_numbers = np.zeros(int(max(present, default=0)) + 1, dtype=np.uint16)
         for number, v in enumerate(present, 1):
             seg_numbers[v] = number
-        arr = hv.array
         if arr.min() < 0:
             raise InvalidImageError(f"label map: negative label values ({int(arr.min())})")
         dtype = np.uint8 if len(present) < 256 else np.uint16
