@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from dp_helpers import MODES, make_data_dir
 
 from medinfer.data import CacheManager, DatasetMetadata, PrepareConfig, load_image, prepare_volume
@@ -18,11 +19,15 @@ from medinfer.data.cache import _build_lock, dequantize, quantize
 from medinfer.errors import ConfigError, InvalidImageError
 
 
-def _npy_files(root: Path) -> dict[str, bytes]:
+def _pt_files(root: Path) -> dict[str, bytes]:
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
-        for p in sorted((root / "processed").rglob("*.npy"))
+        for p in sorted((root / "processed").rglob("*.pt"))
     }
+
+
+def _records(root: Path) -> list[Path]:
+    return [p for p in (root / "processed").rglob("*.json") if not p.name.startswith(".")]
 
 
 def test_build_and_load_match_prepare_within_quantisation(data_dir):
@@ -44,8 +49,17 @@ def test_build_and_load_match_prepare_within_quantisation(data_dir):
         assert np.array_equal(cm.load_mask(entry.study, entry.image), prepared.background)
         one = cm.load_image(entry.study, entry.image, window=names[-1])
         assert np.array_equal(one[0], cached[-1])
-        files = sorted(p.name for p in (cm.processed / entry.study / entry.image).iterdir())
-        assert files == sorted([*(f"{n}.npy" for n in names), "mask.npy", "meta.json"])
+        # the NeuroVFM layout: processed/<study>/<stem>[_<window>].pt, <stem>_mask.pt
+        stem = entry.image.removesuffix(".nii.gz")
+        arrays = [f"{stem}_{n}.pt" for n in names] if entry.mode == "ct" else [f"{stem}.pt"]
+        folder = cm.processed / entry.study
+        for name, fname in zip(names, arrays, strict=True):
+            t = torch.load(folder / fname, weights_only=True)
+            assert t.dtype == torch.uint8 and tuple(t.shape) == (1, *prepared.shape)
+            assert np.array_equal(t[0].numpy(), quantize(prepared.channels[name]))
+        mask = torch.load(folder / f"{stem}_mask.pt", weights_only=True)
+        assert mask.dtype == torch.uint8 and mask.shape == (prepared.background.size,)
+        assert (folder / f"{stem}.json").is_file()
     with pytest.raises(InvalidImageError, match="unusable: 3 slices"):
         cm.load_image("ct99", "ct_thin.nii.gz")
     with pytest.raises(ConfigError, match="'bone' is not one of"):
@@ -54,7 +68,8 @@ def test_build_and_load_match_prepare_within_quantisation(data_dir):
     assert stats["images"] == 7 and stats["cached"] == 6 and stats["unusable"] == 1
     assert stats["missing"] == 0 and stats["stale"] == 0
     assert stats["by_mode"] == {"ct": 5, "mri": 1}
-    assert 0.24 < stats["size_ratio"] < 0.27
+    # uint8 vs float32: 1/4, plus ~1 kB of torch.save framing per file on these tiny grids
+    assert 0.24 < stats["size_ratio"] < 0.30
     assert "3 slices" in stats["unusable_reasons"]["ct99/ct_thin.nii.gz"]
 
 
@@ -95,7 +110,7 @@ def test_parallel_build_equals_sequential_build(tmp_path):
     CacheManager(roots[0]).build_cache(num_workers=0)
     report = CacheManager(roots[1]).build_cache(num_workers=2)
     assert (report.built, report.unusable, report.failed) == (3, 1, {})
-    seq, par = _npy_files(roots[0]), _npy_files(roots[1])
+    seq, par = _pt_files(roots[0]), _pt_files(roots[1])
     assert len(seq) == 2 * 4 + 2 and seq == par  # ct: 3 windows + mask, mri: 1 + mask
 
 
@@ -109,11 +124,11 @@ _SLOW_BUILD = textwrap.dedent(
     """
     import sys, time
     import medinfer.data.cache as c
-    save = c._save_npy
+    save = c._save_pt
     def slow_save(path, arr):
         time.sleep(0.04)
         return save(path, arr)
-    c._save_npy = slow_save
+    c._save_pt = slow_save
     c.CacheManager(sys.argv[1]).build_cache(num_workers=0)
     """
 )
@@ -135,20 +150,20 @@ def test_killed_build_is_completed_by_the_next_run(tmp_path):
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
-        if len(list((root / "processed").rglob("meta.json"))) >= 3:
+        if len(_records(root)) >= 3:
             break
         time.sleep(0.005)
     time.sleep(0.05)  # land inside the next image (0.04 s per file written)
     assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    committed = list((root / "processed").rglob("meta.json"))
+    committed = _records(root)
     assert 3 <= len(committed) < total
     # a crash inside a write: a stray temporary file and a half-written array, no meta.json
-    entry = root / "processed" / "ct07" / "ct_0.nii.gz"
+    entry = root / "processed" / "ct07"
     entry.mkdir(parents=True, exist_ok=True)
-    (entry / ".brain.npy.abc123.part.npy").write_bytes(b"\x93NUMPY half")
-    (entry / "brain.npy").write_bytes(b"\x93NUMPY trunc")
+    (entry / ".ct_0_brain.pt.abc123.part.pt").write_bytes(b"PK half")
+    (entry / "ct_0_brain.pt").write_bytes(b"PK trunc")
     cm = CacheManager(root)
     with pytest.raises(InvalidImageError, match="not cached"):
         cm.load_image("ct07", "ct_0.nii.gz")
@@ -158,7 +173,7 @@ def test_killed_build_is_completed_by_the_next_run(tmp_path):
     assert report.built + report.unusable == total - len(committed) + 0
     assert report.up_to_date == len(committed)
     assert not [p for p in (root / "processed").rglob(".*") if p.name != ".build.lock"]
-    assert _npy_files(root) == _npy_files(clean)
+    assert _pt_files(root) == _pt_files(clean)
     for e in cm.metadata.images:
         if e.study != "ct99":
             assert cm.load_image(e.study, e.image).shape[0] in (1, 3)

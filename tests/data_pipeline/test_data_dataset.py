@@ -33,18 +33,19 @@ def test_items_are_the_cached_images_as_tokens(cached):
             "img",
             "coords",
             "filtered",
+            "padding",
+            "num_tokens",
             "size",
             "path",
-            "label",
             "study",
             "mode",
             "window",
             "view",
-        }
+        }  # no "label" key without study_labels (torch's default collate refuses None)
         assert item["img"].dtype == torch.float32 and item["img"].shape[1] == 1024
         assert item["coords"].dtype == torch.int64 and item["filtered"].dtype == torch.bool
         assert item["window"] == ("blood" if entry.mode == "ct" else "mri")
-        assert item["path"] == entry.path and item["label"] is None
+        assert item["path"] == entry.path and not item["padding"].any()
         vol = detokenize(item["img"].numpy(), item["coords"].numpy(), item["size"].numpy())
         window = item["window"]
         assert np.array_equal(vol, cm.load_image(entry.study, entry.image, window)[0])
@@ -152,7 +153,7 @@ def test_collate_and_dataloader_with_study_sampler(cached):
     assert sorted(seen) == sorted(ds.study_ids)
     vols = ImageDataset(cached, tokenize=False)
     batch = collate_images([vols[0], vols[5]])
-    assert batch["img"].ndim == 5 and batch["coords"] is None
+    assert batch["img"].ndim == 5 and "coords" not in batch
     d, h, w = (max(vols[i]["img"].shape[k + 1] for i in (0, 5)) for k in range(3))
     assert batch["img"].shape == (2, 1, d, h, w)
     assert batch["filtered"].shape == (2, d // 4, h // 16, w // 16)

@@ -36,9 +36,9 @@ def _frames(arr, aff, marker, tmp_path):
         a, f = reframe(arr, aff, perm, flips)
         moved = (rot @ np.append(marker, 1.0))[:3]
         path = save_nifti(a, rot @ f, tmp_path / f"{name.replace(' ', '_')}.nii.gz")
-        out.append((name, load_image(path), moved))
+        out.append((name, load_image(path, preprocess=False), moved))
     folder = write_ct_series_lps(arr, aff, tmp_path / "dicom", seed=3)
-    out.append(("DICOM", load_image(folder), marker))
+    out.append(("DICOM", load_image(folder, preprocess=False), marker))
     return out
 
 

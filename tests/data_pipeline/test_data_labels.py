@@ -21,7 +21,7 @@ def test_csv_binary(tmp_path):
 def test_csv_multilabel_keeps_column_order(tmp_path):
     p = tmp_path / "labels.csv"
     p.write_text("fracture,study,ich,mass\n0,ct00,1,1\n1,ct01,0,0\n")
-    labels = load_study_labels(p, kind="multilabel")
+    labels = load_study_labels(p, kind="multilabel", study_column="study")
     assert labels.names == ("fracture", "ich", "mass")
     assert labels.get("ct00").tolist() == [0.0, 1.0, 1.0]
     assert labels.get("ct01").dtype == np.float32
@@ -41,8 +41,9 @@ def test_json_multiclass_names_sorted_or_given(tmp_path):
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [
-        ("a.csv", "study,x\nct00,2\n", "line 2 column 'x'.*'2' is not a binary label"),
-        ("a.csv", "id,x\nct00,1\n", "no 'study' column"),
+        ("a.csv", "study,x\nct00,1.5\n", "study 'ct00' has '1.5'; expected 0/1"),
+        ("a.csv", "study,x,y\nct00,1,2\n", "column 'y'.*'2' is not a binary label"),
+        ("a.csv", "study,x\nct00,1,0\n", "line 2: 3 values, the header has 2"),
         ("a.csv", "study,x\nct00,1\nct00,0\n", "listed twice"),
         ("a.csv", "study,x\nct00,\n", "empty value"),
         ("a.json", '{"classes": ["a"], "labels": {"s": 3}}', "outside 0..0"),
@@ -63,3 +64,23 @@ def test_kind_mismatch(tmp_path):
     p.write_text("study,x\nct00,1\n")
     with pytest.raises(ConfigError, match="holds binary labels, not multiclass"):
         load_study_labels(p, kind="multiclass")
+
+
+def test_csv_first_column_is_the_study_whatever_its_header(tmp_path):
+    p = tmp_path / "labels.csv"
+    p.write_text("study_id,label_a,label_b,label_c\npatient_001,1,0,1\npatient_002,0,1,0\n")
+    labels = load_study_labels(p)
+    assert labels.kind is LabelKind.MULTILABEL and labels.names == ("label_a", "label_b", "label_c")
+    assert labels.get("patient_001").tolist() == [1.0, 0.0, 1.0]
+    p.write_text("id,x\nct00,1\n")
+    assert load_study_labels(p).get("ct00") == np.float32(1)
+    with pytest.raises(ConfigError, match="no 'study' column"):
+        load_study_labels(p, study_column="study")
+
+
+def test_csv_single_column_of_class_indices_is_multiclass(tmp_path):
+    p = tmp_path / "labels.csv"
+    p.write_text("study_id,grade\na,0\nb,2\nc,1\n")
+    labels = load_study_labels(p)
+    assert labels.kind is LabelKind.MULTICLASS and labels.names == ("0", "1", "2")
+    assert labels.get("b").dtype == np.int64 and int(labels.get("b")) == 2

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from dp_helpers import head_phantom, make_volume, rpi_affine
 
 from medinfer.data import PrepareConfig, load_image, prepare_for_inference, prepare_volume
@@ -28,9 +29,10 @@ def test_ct_windows_by_hand():
     vol[0, 0, :8] = hu  # first row of the first slice holds the test values
     out = prepare_for_inference(_grid_rpi(vol), "ct", config=NO_CROP)
     assert out is not None
-    img, mask, view = out
-    assert view == "axial" and list(img) == ["brain", "blood", "bone"]
-    assert all(a.dtype == np.float32 and a.shape == (8, 16, 32) for a in img.values())
+    arrs, mask, view = out
+    assert view == "axial" and arrs.names == ("brain", "blood", "bone") and len(arrs) == 3
+    assert all(a.dtype == torch.float32 and a.shape == (1, 8, 16, 32) for a in arrs)
+    img = {name: a[0].numpy() for name, a in arrs.as_dict().items()}
     expected = {
         # brain W 80 L 40 -> [0, 80] HU
         "brain": [0, 0, 0, 0.5, 1, 1, 1, 1],
@@ -48,11 +50,11 @@ def test_mri_percentiles_by_hand():
     vol = np.arange(8 * 16 * 32, dtype=np.float32).reshape(8, 16, 32)  # 0 .. 4095
     out = prepare_for_inference(_grid_rpi(vol), "mri", config=NO_CROP)
     assert out is not None
-    img, _mask, _view = out
+    arrs, _mask, _view = out
     # numpy 'linear' percentiles of 0..4095: p/100 * 4095
     lo, hi = 0.005 * 4095, 0.995 * 4095
-    got = img["mri"]
-    assert list(img) == ["mri"]
+    got = arrs[0][0].numpy()
+    assert arrs.names == ("mri",) and len(arrs) == 1
     for value in (0.0, 10.0, 1000.0, 2047.0, 4080.0, 4095.0):
         d, rem = divmod(int(value), 16 * 32)
         h, w = divmod(rem, 32)
@@ -68,9 +70,9 @@ def test_token_grid_and_background_mask_by_hand():
     vol[4:8, :, 16:] = 30.0  # full token
     out = prepare_for_inference(_grid_rpi(vol), "ct", config=NO_CROP)
     assert out is not None
-    _img, mask, _ = out
-    assert mask.dtype == np.uint8 and mask.shape == (2, 1, 2)
-    assert mask[:, 0, :].tolist() == [[1, 1], [0, 0]]
+    arrs, mask, _ = out
+    assert mask.dtype == torch.uint8 and mask.shape == (4,) and arrs.token_grid == (2, 1, 2)
+    assert mask.reshape(arrs.token_grid)[:, 0, :].tolist() == [[1, 1], [0, 0]]
 
 
 def test_crop_to_foreground_then_pad_to_multiples():

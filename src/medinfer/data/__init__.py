@@ -20,28 +20,46 @@ from medinfer.data.labels import LabelKind, StudyLabels, load_study_labels
 from medinfer.data.metadata import DatasetMetadata, ImageEntry, Mode
 from medinfer.data.prepare import (
     CT_WINDOWS,
+    ImageArrays,
     PrepareConfig,
     PreparedImage,
     PreparedVolume,
     View,
+    as_volume,
     load_image,
     prepare_for_inference,
     prepare_volume,
+    window_names,
 )
 from medinfer.data.tokens import PATCH_SIZE, TOKEN_LENGTH, Tokens, detokenize, tokenize
 
 if TYPE_CHECKING:
-    from medinfer.data.dataset import ImageDataset, StudyAwareBatchSampler, collate_images
+    from medinfer.data.dataset import (
+        DEFAULT_RANDOM_CROP,
+        ImageDataset,
+        StudyAwareBatchSampler,
+        collate_images,
+        pad_items,
+    )
 
-_LAZY = {"ImageDataset", "StudyAwareBatchSampler", "collate_images"}
+_LAZY = {
+    "DEFAULT_RANDOM_CROP",
+    "ImageArrays",
+    "ImageDataset",
+    "StudyAwareBatchSampler",
+    "collate_images",
+    "pad_items",
+}
 
 __all__ = [
     "CT_WINDOWS",
+    "DEFAULT_RANDOM_CROP",
     "PATCH_SIZE",
     "TOKEN_LENGTH",
     "BuildReport",
     "CacheManager",
     "DatasetMetadata",
+    "ImageArrays",
     "ImageDataset",
     "ImageEntry",
     "LabelKind",
@@ -53,13 +71,16 @@ __all__ = [
     "StudyLabels",
     "Tokens",
     "View",
+    "as_volume",
     "collate_images",
     "detokenize",
     "load_image",
     "load_study_labels",
+    "pad_items",
     "prepare_for_inference",
     "prepare_volume",
     "tokenize",
+    "window_names",
 ]
 
 

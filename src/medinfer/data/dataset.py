@@ -31,6 +31,28 @@ log = logging.getLogger(__name__)
 
 #: gamma range of intensity augmentation (log-uniform)
 _GAMMA_RANGE = (0.8, 1.25)
+#: crop size in tokens (d, h, w) of ``random_crop=True``: 8 x 4 mm x 4 slices = 128 mm deep,
+#: 12 x 16 mm = 192 mm in-plane (most of an adult head, so crops cut off only part of it)
+DEFAULT_RANDOM_CROP: tuple[int, int, int] = (8, 12, 12)
+
+
+def _parse_random_crop(random_crop: Any) -> tuple[int, int, int] | None:
+    if random_crop is None or random_crop is False:
+        return None
+    if random_crop is True:
+        return DEFAULT_RANDOM_CROP
+    if isinstance(random_crop, (str, bytes)) or not isinstance(random_crop, Sequence):
+        raise ConfigError(
+            f"random_crop: {random_crop!r}; use True (crop {DEFAULT_RANDOM_CROP} tokens), "
+            "False/None (no crop) or 3 positive token counts (d, h, w)"
+        )
+    try:
+        rc = tuple(int(v) for v in random_crop)
+    except (TypeError, ValueError):
+        rc = ()
+    if len(rc) != 3 or any(v < 1 for v in rc):
+        raise ConfigError(f"random_crop: expected 3 positive token counts, got {random_crop!r}")
+    return (rc[0], rc[1], rc[2])
 
 
 def _window_probs(
@@ -67,7 +89,8 @@ class ImageDataset(Dataset[dict[str, Any] | None]):
     ct_window_probs : probability of each CT window (``brain``, ``blood``, ``bone``), a
         mapping or a sequence in that order; None = uniform. One window is drawn per item.
     random_crop : maximal size in tokens ``(d, h, w)``; larger images are cropped at a
-        random token-aligned position. None = whole images.
+        random token-aligned position. ``True`` = :data:`DEFAULT_RANDOM_CROP`
+        ``(8, 12, 12)`` tokens (128 x 192 x 192 mm); ``False`` or None = whole images.
     augment : random left-right flip (p = 0.5, along the axis that runs left-right for
         the image's view: ``w`` for axial/coronal, ``d`` for sagittal) and random gamma
         ``v ** g`` with ``g`` log-uniform in [0.8, 1.25] (keeps 0 and 1 fixed).
@@ -82,13 +105,25 @@ class ImageDataset(Dataset[dict[str, Any] | None]):
     -----
     dict with
         ``img``: float32 tensor ``(N, 1024)`` tokens (or ``(1, D, H, W)``), values in [0, 1];
-        ``coords``: int64 ``(N, 3)`` token coordinates ``(d, h, w)`` (None if not tokenised);
+        ``coords``: int64 ``(N, 3)`` token coordinates ``(d, h, w)`` (tokenised only);
         ``filtered``: bool ``(N,)`` True = background token (or ``(d, h, w)`` grid);
+        ``padding``: bool ``(N,)`` all False, ``num_tokens``: int64 scalar (tokenised
+        only; True / the real count after batch padding);
         ``size``: int64 ``(3,)`` token grid size;
         ``path``: source path relative to the data folder;
-        ``label``: tensor (float32 scalar / ``(K,)`` / int64) or None;
+        ``label``: tensor (float32 scalar / ``(K,)`` / int64) -- the key is present only
+        when ``study_labels`` is given, so torch's default collate never meets a None;
         ``study``, ``mode`` (``"ct"``/``"mri"``), ``window`` (CT window name, or
         ``"mri"``), ``view``.
+
+    Batches
+    -------
+    ``DataLoader(dataset, batch_size=..., shuffle=...)`` and
+    ``DataLoader(dataset, batch_sampler=StudyAwareBatchSampler(...))`` work with torch's
+    default collate: the loader fetches each batch through :meth:`__getitems__`, which pads
+    the items to the batch's largest token count (:func:`pad_items`), giving ``img``
+    ``(B, N_max, 1024)``, ``coords`` ``(B, N_max, 3)``, ``filtered`` / ``padding``
+    ``(B, N_max)`` (padded tokens are background and padding).
 
     Raises
     ------
@@ -102,7 +137,7 @@ class ImageDataset(Dataset[dict[str, Any] | None]):
         data_dir: str | os.PathLike[str],
         use_cache: bool = True,
         ct_window_probs: Mapping[str, float] | Sequence[float] | None = None,
-        random_crop: Sequence[int] | None = None,
+        random_crop: bool | Sequence[int] | None = None,
         augment: bool = False,
         tokenize: bool = True,
         study_labels: StudyLabels | str | os.PathLike[str] | None = None,
@@ -122,15 +157,7 @@ class ImageDataset(Dataset[dict[str, Any] | None]):
         self.epoch = 0
         self._ct_names = tuple(self.config.ct_windows)
         self._ct_probs = _window_probs(ct_window_probs, self._ct_names)
-        if random_crop is not None:
-            rc = tuple(int(v) for v in random_crop)
-            if len(rc) != 3 or any(v < 1 for v in rc):
-                raise ConfigError(
-                    f"random_crop: expected 3 positive token counts, got {random_crop}"
-                )
-            self.random_crop: tuple[int, int, int] | None = (rc[0], rc[1], rc[2])
-        else:
-            self.random_crop = None
+        self.random_crop = _parse_random_crop(random_crop)
         if study_labels is None or isinstance(study_labels, StudyLabels):
             self.labels = study_labels
         else:
@@ -234,34 +261,99 @@ class ImageDataset(Dataset[dict[str, Any] | None]):
                 vol, bg = np.flip(vol, axis=lr_axis), np.flip(bg, axis=lr_axis)
             gamma = math.exp(rng.uniform(math.log(_GAMMA_RANGE[0]), math.log(_GAMMA_RANGE[1])))
             vol = np.power(vol, np.float32(gamma), dtype=np.float32)
-        vol = np.ascontiguousarray(vol, dtype=np.float32)
+        vol = np.clip(np.ascontiguousarray(vol, dtype=np.float32), 0.0, 1.0)
         bg = np.ascontiguousarray(bg)
-        label = self.labels.get(entry.study) if self.labels is not None else None
         item: dict[str, Any] = {
             "path": entry.path,
-            "label": torch.from_numpy(np.asarray(label)) if label is not None else None,
             "study": entry.study,
             "mode": entry.mode,
             "window": window,
             "view": view,
             "size": torch.tensor(bg.shape, dtype=torch.int64),
         }
+        if self.labels is not None:
+            item["label"] = torch.from_numpy(np.asarray(self.labels.get(entry.study)))
         if self.tokenize:
             tok = tokenize(vol, bg)
             item["img"] = torch.from_numpy(tok.tokens)
             item["coords"] = torch.from_numpy(tok.coords)
             item["filtered"] = torch.from_numpy(tok.background)
+            item["padding"] = torch.zeros(tok.tokens.shape[0], dtype=torch.bool)
+            item["num_tokens"] = torch.tensor(tok.tokens.shape[0], dtype=torch.int64)
         else:
             item["img"] = torch.from_numpy(vol)[None]
-            item["coords"] = None
             item["filtered"] = torch.from_numpy(bg.astype(bool))
         return item
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """The items of one batch, padded to a common size (:func:`pad_items`).
+
+        ``torch.utils.data.DataLoader`` calls this for every batch (``batch_size`` or
+        ``batch_sampler``), so its default collate stacks items with different token
+        counts. Unusable images (None items, on-the-fly preparation only) are left out.
+        """
+        return pad_items([self[int(i)] for i in indices])
+
+
+def pad_items(batch: Sequence[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """Pad the items of one batch to a common size, so that they stack.
+
+    Items that are None (unusable images prepared on the fly) are dropped.
+
+    Tokenised items (``img`` ``(N, 1024)``) are padded at the end to the largest ``N``:
+    ``img`` 0, ``coords`` 0, ``filtered`` True (background), ``padding`` True. Volumes
+    (``img`` ``(1, D, H, W)``) are padded with 0 at the end of each axis to the largest
+    shape, ``filtered`` ``(d, h, w)`` with True. ``size`` and ``num_tokens`` keep the real
+    size.
+
+    Raises
+    ------
+    ConfigError
+        Every item of the batch is None, or items mix tokens and volumes.
+    """
+    items = [b for b in batch if b is not None]
+    if not items:
+        raise ConfigError("collate: every image of the batch was unusable")
+    tokenised = ["coords" in it for it in items]
+    out: list[dict[str, Any]] = []
+    if all(tokenised):
+        nmax = max(int(it["img"].shape[0]) for it in items)
+        for it in items:
+            n = int(it["img"].shape[0])
+            extra = nmax - n
+            if extra == 0:
+                out.append(it)
+                continue
+            p = dict(it)
+            p["img"] = torch.cat([it["img"], it["img"].new_zeros((extra, it["img"].shape[1]))])
+            p["coords"] = torch.cat([it["coords"], it["coords"].new_zeros((extra, 3))])
+            p["filtered"] = torch.cat([it["filtered"], torch.ones(extra, dtype=torch.bool)])
+            p["padding"] = torch.cat([it["padding"], torch.ones(extra, dtype=torch.bool)])
+            out.append(p)
+    elif not any(tokenised):
+        dmax = np.array([it["img"].shape[1:] for it in items]).max(axis=0)
+        gmax = [int(v) // p for v, p in zip(dmax, PATCH_SIZE, strict=True)]
+        for it in items:
+            p = dict(it)
+            img = torch.zeros((1, *dmax.tolist()), dtype=torch.float32)
+            d, h, w = it["img"].shape[1:]
+            img[:, :d, :h, :w] = it["img"]
+            filt = torch.ones(gmax, dtype=torch.bool)
+            fd, fh, fw = it["filtered"].shape
+            filt[:fd, :fh, :fw] = it["filtered"]
+            p["img"], p["filtered"] = img, filt
+            out.append(p)
+    else:
+        raise ConfigError("collate: the batch mixes tokenised items and volumes")
+    return out
 
 
 def collate_images(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
     """Collate items of :class:`ImageDataset` with different token counts / shapes.
 
-    Items that are None (unusable images prepared on the fly) are dropped.
+    The same as ``torch.utils.data.default_collate(pad_items(batch))`` (what a plain
+    ``DataLoader`` over an :class:`ImageDataset` yields, through
+    :meth:`ImageDataset.__getitems__`); usable as an explicit ``collate_fn``.
 
     Returns
     -------
@@ -271,84 +363,48 @@ def collate_images(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         True), ``padding`` bool ``(B, N_max)`` True at padded positions,
         ``num_tokens`` int64 ``(B,)``.
         Volumes: ``img`` ``(B, 1, D_max, H_max, W_max)`` zero-padded at the end of each
-        axis, ``filtered`` ``(B, d_max, h_max, w_max)`` (padding True), ``coords`` None.
-        Both: ``size`` int64 ``(B, 3)``; ``label`` stacked tensor if every item has one,
-        else a list; ``path``, ``study``, ``mode``, ``window``, ``view`` lists.
+        axis, ``filtered`` ``(B, d_max, h_max, w_max)`` (padding True), no ``coords``.
+        Both: ``size`` int64 ``(B, 3)``; ``label`` stacked (only when the dataset has
+        labels); ``path``, ``study``, ``mode``, ``window``, ``view`` lists of strings.
 
     Raises
     ------
     ConfigError
         Every item of the batch is None, or items mix tokens and volumes.
     """
-    items = [b for b in batch if b is not None]
-    if not items:
-        raise ConfigError("collate_images: every image of the batch was unusable")
-    out: dict[str, Any] = {
-        k: [it[k] for it in items] for k in ("path", "study", "mode", "window", "view")
-    }
-    out["size"] = torch.stack([it["size"] for it in items])
-    labels = [it["label"] for it in items]
-    out["label"] = torch.stack(labels) if all(lb is not None for lb in labels) else labels
-    tokenised = [it["coords"] is not None for it in items]
-    if all(tokenised):
-        n = [int(it["img"].shape[0]) for it in items]
-        nmax = max(n)
-        b = len(items)
-        img = torch.zeros((b, nmax, items[0]["img"].shape[1]), dtype=torch.float32)
-        coords = torch.zeros((b, nmax, 3), dtype=torch.int64)
-        filtered = torch.ones((b, nmax), dtype=torch.bool)
-        padding = torch.ones((b, nmax), dtype=torch.bool)
-        for i, it in enumerate(items):
-            img[i, : n[i]] = it["img"]
-            coords[i, : n[i]] = it["coords"]
-            filtered[i, : n[i]] = it["filtered"]
-            padding[i, : n[i]] = False
-        out.update(
-            img=img,
-            coords=coords,
-            filtered=filtered,
-            padding=padding,
-            num_tokens=torch.tensor(n, dtype=torch.int64),
-        )
-    elif not any(tokenised):
-        shapes = np.array([it["img"].shape[1:] for it in items])
-        dmax = shapes.max(axis=0)
-        img = torch.zeros((len(items), 1, *dmax.tolist()), dtype=torch.float32)
-        gmax = [int(v) // p for v, p in zip(dmax, PATCH_SIZE, strict=True)]
-        filtered = torch.ones((len(items), *gmax), dtype=torch.bool)
-        for i, it in enumerate(items):
-            d, h, w = it["img"].shape[1:]
-            img[i, :, :d, :h, :w] = it["img"]
-            fd, fh, fw = it["filtered"].shape
-            filtered[i, :fd, :fh, :fw] = it["filtered"]
-        out.update(img=img, coords=None, filtered=filtered)
-    else:
-        raise ConfigError("collate_images: the batch mixes tokenised items and volumes")
-    return out
+    from torch.utils.data import default_collate
+
+    return dict(default_collate(pad_items(batch)))
 
 
 class StudyAwareBatchSampler(Sampler[list[int]]):
-    """Batches that keep each study's images together; studies split across DDP ranks.
+    """Batches of one study each; studies (not images) distributed across DDP ranks.
 
-    Per epoch: the studies are shuffled (``numpy.random.default_rng([seed, epoch])``,
-    identical on every rank) or kept sorted; packed in that order into batches of at
-    most ``batch_size`` images without splitting a study (a study with more images than
-    ``batch_size`` forms one larger batch); if the number of batches is not a multiple of
-    ``num_replicas``, multi-study batches are split at study boundaries (largest first)
-    until it is, so every rank gets the same number of batches and every study appears
-    exactly once per epoch on exactly one rank. Rank ``r`` takes batches ``r, r + R, ...``.
-    Only when there are too few studies to give every rank a batch are batches repeated
-    (logged; ``drop_last=True`` drops the surplus instead).
+    Per epoch (``numpy.random.default_rng([seed, epoch])``, identical on every rank):
+
+    1. the studies are shuffled (or kept sorted with ``shuffle=False``), and the images
+       inside each study too;
+    2. each study becomes one batch holding all its images -- the batch size varies with
+       the images per study; a study with more than ``batch_size`` images is split into
+       consecutive batches of at most ``batch_size`` images (all of that study);
+    3. studies are dealt to ranks in that order, each to the rank with the fewest
+       batches so far (ties: fewest images, then lowest rank), so a study lives on
+       exactly one rank;
+    4. ranks with fewer batches than the busiest rank split their largest batches
+       (halves, still one study each) until the counts are equal, so DDP ranks step
+       together and every image appears exactly once per epoch. Only when that is
+       impossible (too few images) are batches repeated (warning) or, with
+       ``drop_last=True``, the surplus dropped.
 
     Parameters
     ----------
     dataset : anything with ``study_ids`` (study per index), e.g. :class:`ImageDataset`.
-    batch_size : maximal images per batch.
+    batch_size : largest number of images in a batch (caps a large study).
     shuffle : shuffle studies (and images within a study) each epoch.
     seed : shuffling seed (the same on every rank).
     num_replicas, rank : DDP world size and rank; default from ``torch.distributed`` when
         initialised, else 1 and 0.
-    drop_last : see above.
+    drop_last : see step 4.
 
     Raises
     ------
@@ -399,53 +455,55 @@ class StudyAwareBatchSampler(Sampler[list[int]]):
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.epoch)
 
-    def global_batches(self) -> list[list[int]]:
-        """All batches of this epoch (every rank's), before distribution."""
+    def rank_batches(self) -> list[list[list[int]]]:
+        """The batches of every rank for this epoch (``[rank][batch] -> indices``)."""
         rng = np.random.default_rng([self.seed, self.epoch])
         names = sorted(self.studies)
         if self.shuffle:
             names = [names[i] for i in rng.permutation(len(names))]
-        groups: list[list[list[int]]] = []  # batch -> studies -> indices
-        current: list[list[int]] = []
-        count = 0
+        r = self.num_replicas
+        per_rank: list[list[list[int]]] = [[] for _ in range(r)]
+        images = [0] * r
         for name in names:
             idx = list(self.studies[name])
             if self.shuffle:
                 idx = [idx[i] for i in rng.permutation(len(idx))]
-            if current and count + len(idx) > self.batch_size:
-                groups.append(current)
-                current, count = [], 0
-            current.append(idx)
-            count += len(idx)
-        if current:
-            groups.append(current)
-        r = self.num_replicas
-        while len(groups) % r:
-            splittable = [g for g in groups if len(g) > 1]
-            if not splittable:
-                break
-            g = max(splittable, key=lambda x: sum(len(s) for s in x))
-            pos = groups.index(g)
-            sizes = np.cumsum([len(s) for s in g])
-            cut = int(np.argmin(np.abs(sizes[:-1] - sizes[-1] / 2))) + 1
-            groups[pos : pos + 1] = [g[:cut], g[cut:]]
-        batches = [[i for s in g for i in s] for g in groups]
-        if len(batches) % r:
+            chunks = [idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+            target = min(range(r), key=lambda k: (len(per_rank[k]), images[k], k))
+            per_rank[target].extend(chunks)
+            images[target] += len(idx)
+        want = max(len(b) for b in per_rank)
+        for batches in per_rank:
+            while len(batches) < want:
+                pos = max(range(len(batches)), key=lambda k: len(batches[k]), default=-1)
+                if pos < 0 or len(batches[pos]) < 2:
+                    break
+                b = batches[pos]
+                batches[pos : pos + 1] = [b[: len(b) // 2], b[len(b) // 2 :]]
+        short = [k for k in range(r) if len(per_rank[k]) < want]
+        if short:
             if self.drop_last:
-                batches = batches[: len(batches) - len(batches) % r]
+                least = min(len(b) for b in per_rank)
+                per_rank = [b[:least] for b in per_rank]
             else:
-                short = r - len(batches) % r
+                everything = [b for batches in per_rank for b in batches]
                 log.warning(
-                    "StudyAwareBatchSampler: %d batches for %d ranks; repeating %d batch(es)",
-                    len(batches),
+                    "StudyAwareBatchSampler: %d images for %d ranks; repeating batches on "
+                    "rank(s) %s so every rank has %d",
+                    sum(len(b) for b in everything),
                     r,
                     short,
+                    want,
                 )
-                batches = batches + [batches[i % len(batches)] for i in range(short)]
-        return batches
+                for n, k in enumerate(short):
+                    own = per_rank[k] or [everything[n % len(everything)]]
+                    per_rank[k] = per_rank[k] + [
+                        own[i % len(own)] for i in range(want - len(per_rank[k]))
+                    ]
+        return per_rank
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.global_batches()[self.rank :: self.num_replicas])
+        return iter(self.rank_batches()[self.rank])
 
     def __len__(self) -> int:
-        return len(self.global_batches()) // self.num_replicas
+        return len(self.rank_batches()[self.rank])

@@ -3,10 +3,12 @@
 Formats
 -------
 CSV
-    A header row with a study column (default ``study``) and one or more label
-    columns. One label column gives **binary** labels (values ``0``/``1``,
-    ``true``/``false``, ``yes``/``no``); several give **multi-label** vectors (one 0/1
-    column per label, column order kept). Empty cells are not allowed.
+    A header row; the first column is the study identifier whatever its header
+    (``study_id``, ``study``, ...; or name it with ``study_column``), every other column
+    is a label column. One label column of ``0``/``1`` (``true``/``false``,
+    ``yes``/``no``) gives **binary** labels, one column of class indices ``0, 1, 2, ...``
+    **multi-class** labels; several 0/1 columns give **multi-label** vectors (column
+    order kept). Empty cells are not allowed.
 JSON
     An object ``{"<study>": "<class name>" | <class index>, ...}`` for **single-label
     multi-class** targets, or ``{"classes": [...], "labels": {...}}`` to fix the class
@@ -96,44 +98,108 @@ def _parse_binary(text: str, where: str) -> float:
     raise ConfigError(f"{where}: {text!r} is not a binary label; use 0/1, true/false or yes/no")
 
 
+def _parse_class_index(text: str) -> int | None:
+    t = text.strip()
+    try:
+        v = float(t)
+    except ValueError:
+        return None
+    if not np.isfinite(v) or v < 0 or v != int(v):
+        return None
+    return int(v)
+
+
 def load_study_labels_csv(
-    path: str | os.PathLike[str], *, study_column: str = "study"
+    path: str | os.PathLike[str], *, study_column: str | None = None
 ) -> StudyLabels:
-    """Read binary (one label column) or multi-label (several columns) study labels from CSV.
+    """Read study labels from CSV: binary, multi-label or multi-class.
+
+    Parameters
+    ----------
+    path : CSV file with a header row.
+    study_column : the column holding the study identifier; None (default) = the first
+        column, whatever its header (``study_id``, ``study``, ``patient``, ...). Every
+        other column is a label column.
+
+    Kinds: one label column of 0/1 values (also ``true``/``false``, ``yes``/``no``) ->
+    **binary** (float32 scalar); one label column with non-negative integers beyond 1
+    (``0, 1, 2, ...``) -> **multi-class** (int64 class index; classes ``"0"`` ..
+    ``str(max)``); several 0/1 columns -> **multi-label** (float32 ``(K,)``, column
+    order kept).
 
     Raises
     ------
     ConfigError
-        Missing study column, no label column, a non-binary value, an empty cell, or a
-        study listed twice.
+        Missing study column, no label column, a value that fits none of the kinds,
+        an empty cell, or a study listed twice.
     """
     p = Path(path)
     _check_size(p)
     with p.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        if study_column not in header:
-            raise ConfigError(f"{p}: no {study_column!r} column; header is {header}")
-        label_cols = [h for h in header if h != study_column]
+        reader = csv.reader(fh)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise ConfigError(f"{p}: empty CSV; expected a header row") from None
+        if not header or not header[0]:
+            raise ConfigError(f"{p}: no header; expected e.g. 'study_id,label'")
+        col = header[0] if study_column is None else study_column
+        if col not in header:
+            raise ConfigError(f"{p}: no {col!r} column; header is {header}")
+        pos = header.index(col)
+        label_cols = [(i, h) for i, h in enumerate(header) if i != pos]
         if not label_cols:
-            raise ConfigError(f"{p}: no label column besides {study_column!r}")
-        values: dict[str, Any] = {}
+            raise ConfigError(f"{p}: no label column besides {col!r}")
+        cells: dict[str, list[str]] = {}
         for n, row in enumerate(reader, start=2):
-            row = {(k or "").strip(): v for k, v in row.items()}
-            study = (row.get(study_column) or "").strip()
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                raise ConfigError(
+                    f"{p} line {n}: {len(row)} values, the header has {len(header)} columns"
+                )
+            study = row[pos].strip()
             if not study:
-                raise ConfigError(f"{p} line {n}: empty {study_column!r}")
-            if study in values:
+                raise ConfigError(f"{p} line {n}: empty {col!r}")
+            if study in cells:
                 raise ConfigError(f"{p} line {n}: study {study!r} is listed twice")
-            vec = []
-            for col in label_cols:
-                cell = row.get(col)
-                if cell is None or not cell.strip():
-                    raise ConfigError(f"{p} line {n}: empty value in column {col!r}")
-                vec.append(_parse_binary(cell, f"{p} line {n} column {col!r}"))
-            values[study] = vec[0] if len(label_cols) == 1 else np.asarray(vec, dtype=np.float32)
-    kind = LabelKind.BINARY if len(label_cols) == 1 else LabelKind.MULTILABEL
-    return StudyLabels(kind=kind, names=tuple(label_cols), values=values)
+            vals = []
+            for i, name in label_cols:
+                if not row[i].strip():
+                    raise ConfigError(f"{p} line {n}: empty value in column {name!r}")
+                vals.append(row[i])
+            cells[study] = vals
+    names = tuple(h for _, h in label_cols)
+    if len(label_cols) == 1:
+        column = [v[0] for v in cells.values()]
+        if all(c.strip().lower() in _TRUE | _FALSE for c in column):
+            values: dict[str, Any] = {
+                s: _parse_binary(v[0], f"{p} study {s!r}") for s, v in cells.items()
+            }
+            return StudyLabels(kind=LabelKind.BINARY, names=names, values=values)
+        classes = {s: _parse_class_index(v[0]) for s, v in cells.items()}
+        bad = [(s, cells[s][0]) for s, c in classes.items() if c is None]
+        if bad:
+            raise ConfigError(
+                f"{p} column {names[0]!r}: study {bad[0][0]!r} has {bad[0][1]!r}; expected 0/1 "
+                "(binary) or a class index 0, 1, 2, ... (multi-class)"
+            )
+        top = max(int(c) for c in classes.values() if c is not None)
+        return StudyLabels(
+            kind=LabelKind.MULTICLASS,
+            names=tuple(str(i) for i in range(top + 1)),
+            values={s: int(c) for s, c in classes.items() if c is not None},
+        )
+    values = {}
+    for s, vals in cells.items():
+        values[s] = np.asarray(
+            [
+                _parse_binary(v, f"{p} study {s!r} column {name!r}")
+                for v, name in zip(vals, names, strict=True)
+            ],
+            dtype=np.float32,
+        )
+    return StudyLabels(kind=LabelKind.MULTILABEL, names=names, values=values)
 
 
 def load_study_labels_json(path: str | os.PathLike[str]) -> StudyLabels:
@@ -189,7 +255,7 @@ def load_study_labels(
     path: str | os.PathLike[str],
     *,
     kind: LabelKind | str | None = None,
-    study_column: str = "study",
+    study_column: str | None = None,
 ) -> StudyLabels:
     """Read study labels, choosing the format by suffix (``.csv`` or ``.json``).
 
@@ -198,7 +264,7 @@ def load_study_labels(
     path : label file.
     kind : optional expected :class:`LabelKind` (``binary``, ``multilabel``,
         ``multiclass``); a mismatch raises.
-    study_column : CSV column holding the study identifier.
+    study_column : CSV column holding the study identifier; None = the first column.
 
     Raises
     ------

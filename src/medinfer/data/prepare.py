@@ -215,20 +215,127 @@ class PreparedVolume:
         )
 
 
-class PreparedImage(NamedTuple):
-    """``(img_arrs, mask, view)`` as returned by :func:`prepare_for_inference`."""
+class ImageArrays(list):  # type: ignore[type-arg]
+    """The prepared arrays of one image: a list of float32 tensors ``[1, D, H, W]``.
 
-    img_arrs: dict[str, np.ndarray]
-    mask: np.ndarray
+    A plain ``list`` (``img_arrs[0]``, ``len``, iteration) with the channel names and the
+    grid attached.
+
+    Attributes
+    ----------
+    names : channel name of each entry, in order: CT ``("brain", "blood", "bone")``,
+        MRI ``("mri",)``.
+    token_grid : ``(D/4, H/16, W/16)``; the flat ``mask`` reshapes to it (C order).
+    affine : (4, 4) float64, index ``(d, h, w)`` -> RAS+ mm.
+    """
+
+    names: tuple[str, ...] = ()
+    token_grid: tuple[int, int, int] = (0, 0, 0)
+    affine: np.ndarray
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{name: tensor [1, D, H, W]}``."""
+        return dict(zip(self.names, self, strict=True))
+
+
+class PreparedImage(NamedTuple):
+    """``(img_arrs, mask, view)`` as returned by :func:`prepare_for_inference`.
+
+    Attributes
+    ----------
+    img_arrs : :class:`ImageArrays`, a list of float32 ``torch.Tensor`` ``[1, D, H, W]`` in
+        [0, 1], one per channel (CT: brain, blood, bone windows in that order; MRI: one).
+    mask : uint8 ``torch.Tensor`` ``[N]``, N = (D/4)(H/16)(W/16) tokens in C order over
+        the token grid (as :func:`medinfer.data.tokenize`), 1 = background, 0 = foreground.
+    view : ``"axial"``, ``"coronal"`` or ``"sagittal"``.
+    """
+
+    img_arrs: ImageArrays
+    mask: Any
     view: str
 
 
-def load_image(path: str | os.PathLike[str], *, series_uid: str | None = None) -> Volume:
+def window_names(mode: Mode | str, config: PrepareConfig | None = None) -> tuple[str, ...]:
+    """Channel names in ``img_arrs`` order: CT ``("brain", "blood", "bone")``, MRI ``("mri",)``.
+
+    Raises
+    ------
+    ConfigError
+        ``mode`` is not ``"ct"`` / ``"mri"``.
+    """
+    return (config or PrepareConfig()).channel_names(mode)
+
+
+def as_volume(image: Any, what: str = "image") -> Volume:
+    """A :class:`Volume` from a Volume, a path, a ``SimpleITK.Image`` or a nibabel image.
+
+    SimpleITK images carry an LPS geometry (origin, spacing, direction); it is converted
+    to the RAS+ affine with :func:`medinfer.io._lps.affine_lps_to_ras`. nibabel images
+    give their affine (RAS+) and their data with ``scl_slope`` / ``scl_inter`` applied
+    (float32 where scaled). Multi-component / 4-D images become channels ``(C, I, J, K)``.
+    Paths are read with :func:`load_image` (``preprocess=False``).
+
+    Raises
+    ------
+    InvalidImageError
+        Any other type, or an image that is not 3-D (or 4-D for nibabel).
+    """
+    if isinstance(image, Volume):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image, preprocess=False)
+    mod = type(image).__module__ or ""
+    if mod.startswith("SimpleITK"):
+        import SimpleITK as sitk
+
+        from medinfer.io._lps import affine_lps_to_ras
+
+        dim = int(image.GetDimension())
+        if dim != 3:
+            raise InvalidImageError(f"{what}: SimpleITK image of dimension {dim}; expected 3")
+        arr = sitk.GetArrayFromImage(image)  # (z, y, x) or (z, y, x, components)
+        if image.GetNumberOfComponentsPerPixel() > 1:
+            arr = arr.transpose(3, 2, 1, 0)
+        else:
+            arr = arr.transpose(2, 1, 0)[None]
+        direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+        lps = np.eye(4)
+        lps[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=np.float64)
+        lps[:3, 3] = image.GetOrigin()
+        return Volume(np.ascontiguousarray(arr), affine_lps_to_ras(lps), {"source": "SimpleITK"})
+    if mod.startswith("nibabel") and hasattr(image, "dataobj") and hasattr(image, "affine"):
+        proxy = image.dataobj
+        slope = getattr(proxy, "slope", 1.0)
+        inter = getattr(proxy, "inter", 0.0)
+        scaled = not (slope in (1.0, None) and inter in (0.0, None))
+        arr = np.asarray(image.get_fdata(dtype=np.float32) if scaled else np.asanyarray(proxy))
+        if arr.ndim == 3:
+            arr = arr[None]
+        elif arr.ndim == 4:
+            arr = np.moveaxis(arr, 3, 0)
+        else:
+            raise InvalidImageError(f"{what}: nibabel image of shape {arr.shape}; expected 3-D")
+        return Volume(np.ascontiguousarray(arr), image.affine, {"source": "nibabel"})
+    raise InvalidImageError(
+        f"{what}: {mod}.{type(image).__name__} is not an image; pass a path, a medinfer "
+        "Volume, a SimpleITK.Image or a nibabel image"
+    )
+
+
+def load_image(
+    path: str | os.PathLike[str],
+    preprocess: bool = True,
+    *,
+    series_uid: str | None = None,
+) -> Volume:
     """Load a NIfTI file, a single DICOM file or a DICOM folder (auto-detected).
 
     Parameters
     ----------
     path : file or folder.
+    preprocess : True (default): reoriented to RPI (:data:`ORIENTATION`; a pure
+        permutation/flip, no interpolation; resampling and intensities are
+        :func:`prepare_for_inference`'s job). False: the voxel array as stored.
     series_uid : choose one series in a DICOM folder that holds several.
 
     Returns
@@ -239,17 +346,25 @@ def load_image(path: str | os.PathLike[str], *, series_uid: str | None = None) -
     Raises
     ------
     InvalidImageError
-        Missing, unreadable or unsupported input (from :func:`medinfer.io.load`).
+        Not a path, or a missing, unreadable or unsupported input (from
+        :func:`medinfer.io.load`).
     SeriesSelectionError
         A DICOM folder with several series and no ``series_uid``.
     """
-    from medinfer import io
+    from medinfer import io, transforms
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidImageError(
+            f"load_image: {type(path).__name__} is not a path; pass a file or folder path "
+            "(in-memory images go to prepare_for_inference directly)"
+        )
     if not os.path.exists(path):
         raise InvalidImageError(f"{path}: no such file or folder")
     if series_uid is not None:
-        return io.load(path, series_uid=series_uid)  # type: ignore[call-arg,unused-ignore]
-    return io.load(path)
+        vol = io.load(path, series_uid=series_uid)  # type: ignore[call-arg,unused-ignore]
+    else:
+        vol = io.load(path)
+    return transforms.reorient(vol, ORIENTATION) if preprocess else vol
 
 
 def _through_plane_axis(spacing: np.ndarray, ratio: float) -> int:
@@ -393,7 +508,8 @@ def prepare_volume_or_reason(
         for name in names:
             width, level = cfg.ct_windows[name]
             spec = {"method": "ct_window", "min_hu": level - width / 2, "max_hu": level + width / 2}
-            channels.append(transforms.normalize_intensity(hu_or_raw, spec).array[0])
+            win = transforms.normalize_intensity(hu_or_raw, spec).array[0]
+            channels.append(np.clip(win, 0.0, 1.0, out=win))
         foreground = arr > cfg.ct_foreground_hu
     else:
         spec = {
@@ -402,7 +518,11 @@ def prepare_volume_or_reason(
             "upper": cfg.mri_percentiles[1],
             "nonzero": False,
         }
-        norm = transforms.normalize_intensity(hu_or_raw, spec).array[0]
+        try:
+            norm = transforms.normalize_intensity(hu_or_raw, spec).array[0]
+        except InvalidImageError:  # no range between the percentiles
+            norm = np.zeros_like(arr)
+        np.clip(norm, 0.0, 1.0, out=norm)  # float rounding of min-max can give 1.0000001
         if not norm.max() > 0:  # upper percentile == lower percentile: all set to 0
             return f"MRI intensities are constant between the {cfg.mri_percentiles} percentiles"
         channels.append(norm)
@@ -432,7 +552,10 @@ def prepare_volume_or_reason(
     frac = fg.reshape(d, PATCH_SIZE[0], h, PATCH_SIZE[1], w, PATCH_SIZE[2]).mean(axis=(1, 3, 5))
     background = (frac < cfg.token_foreground_fraction).astype(np.uint8)
     return PreparedVolume(
-        channels={n: np.ascontiguousarray(out[i], dtype=np.float32) for i, n in enumerate(names)},
+        channels={
+            n: np.clip(np.ascontiguousarray(out[i], dtype=np.float32), 0.0, 1.0)
+            for i, n in enumerate(names)
+        },
         background=background,
         view=view.value,
         mode=m.value,
@@ -447,7 +570,7 @@ def prepare_volume_or_reason(
 
 
 def prepare_for_inference(
-    image: Volume | str | os.PathLike[str],
+    image: Any,
     mode: Mode | str = Mode.CT,
     z_dim: int | str | View | None = None,
     *,
@@ -457,18 +580,24 @@ def prepare_for_inference(
 
     Parameters
     ----------
-    image : a Volume, or a path (NIfTI file, DICOM file or DICOM folder; see
-        :func:`load_image`).
-    mode : ``"ct"`` (three windows) or ``"mri"`` (percentile normalisation).
+    image : a path (NIfTI file, DICOM file or DICOM folder; :func:`load_image`), a
+        :class:`~medinfer.volume.Volume`, a ``SimpleITK.Image`` (LPS geometry) or a
+        nibabel image (see :func:`as_volume`); any orientation, spacing, obliquity.
+    mode : ``"ct"`` (three windows, input in HU) or ``"mri"`` (percentile normalisation).
     z_dim : through-plane axis override (RPI axis 0/1/2 or a view name); None = detect.
     config : :class:`PrepareConfig`.
 
     Returns
     -------
     PreparedImage ``(img_arrs, mask, view)``:
-        ``img_arrs`` dict name -> float32 ``(D, H, W)`` in [0, 1] (CT: ``brain``,
-        ``blood``, ``bone``; MRI: ``mri``), axes (d, h, w) as in the module table;
-        ``mask`` uint8 ``(D/4, H/16, W/16)``, 1 = background token, 0 = foreground;
+        ``img_arrs`` :class:`ImageArrays`, a list of float32 ``torch.Tensor``
+        ``[1, D, H, W]`` with values in [0, 1] (clipped after every float operation),
+        axes (d, h, w) as in the module table; CT: the brain, blood and bone windows in
+        that order, MRI: one entry; ``img_arrs.names`` gives the names
+        (:func:`window_names`);
+        ``mask`` uint8 ``torch.Tensor`` ``[N]``, one value per 4 x 16 x 16 token in C order
+        over ``img_arrs.token_grid`` (the order of :func:`medinfer.data.tokenize`),
+        1 = background token, 0 = foreground;
         ``view`` ``"axial"`` / ``"coronal"`` / ``"sagittal"``.
     None when the image cannot be used (reason logged as a warning, see
     :func:`prepare_volume`).
@@ -476,12 +605,19 @@ def prepare_for_inference(
     Raises
     ------
     InvalidImageError
-        A path that cannot be read.
+        A path that cannot be read, or an object that is not an image.
     ConfigError
         Bad ``mode`` or ``z_dim``.
     """
-    vol = image if isinstance(image, Volume) else load_image(image)
+    import torch
+
+    vol = as_volume(image, "prepare_for_inference: image")
     prepared = prepare_volume(vol, mode, z_dim, config=config)
     if prepared is None:
         return None
-    return PreparedImage(prepared.channels, prepared.background, prepared.view)
+    arrs = ImageArrays(torch.from_numpy(a[None]) for a in prepared.channels.values())
+    arrs.names = tuple(prepared.channels)
+    arrs.token_grid = prepared.token_grid
+    arrs.affine = prepared.affine
+    mask = torch.from_numpy(np.ascontiguousarray(prepared.background, dtype=np.uint8).reshape(-1))
+    return PreparedImage(arrs, mask, prepared.view)
