@@ -420,3 +420,15 @@ def test_schemathesis_finds_no_server_errors(server: Server) -> None:
     spec = httpx.get(server.url + "/openapi.json").json()
     assert "ErrorResponse" in spec["components"]["schemas"]
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
+
+
+def test_non_finite_voxel_upload_is_422(http: httpx.Client, scan: Path, work: Path) -> None:
+    """Issue 17 item 9a: one NaN voxel used to blank the segmentation, answered 200."""
+    img = nib.load(str(scan))
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    data[5, 6, 7] = np.nan
+    bad = work / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), bad)
+    r = http.post("/v1/predict", files={"file": ("nan.nii.gz", bad.read_bytes())})
+    assert r.status_code == 422, r.text
+    assert "NaN" in r.json()["error"]["message"]

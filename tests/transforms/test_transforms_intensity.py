@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from medinfer.errors import ConfigError
+from medinfer.errors import ConfigError, InvalidImageError
 from medinfer.transforms import intensity, normalize_intensity, validate_intensity_spec
 from medinfer.volume import Volume
 
@@ -94,8 +94,9 @@ def test_zscore_hand_values_and_nonzero_mask() -> None:
     # non-zero: mean 4, std sqrt(8/3); outside the mask -> 0
     s = np.sqrt(8 / 3)
     np.testing.assert_allclose(out.array.ravel(), [0, 0, -2 / s, 0, 2 / s], atol=1e-6)
-    const = normalize_intensity(_vol([5, 5, 5], np.float32), {"method": "zscore"})
-    assert np.all(np.isfinite(const.array)) and np.all(const.array == 0)
+    # a constant channel is an error, not a silently zeroed channel (issue 17 item 9a)
+    with pytest.raises(InvalidImageError, match="no intensity range"):
+        normalize_intensity(_vol([5, 5, 5], np.float32), {"method": "zscore"})
 
 
 def test_per_channel_and_none() -> None:

@@ -44,6 +44,25 @@ _ARGMAX_SLAB = 16
 _SPAN = {"preprocess": (0.0, 0.1), "inference": (0.1, 0.9), "postprocess": (0.9, 1.0)}
 
 
+def channel_mismatch_message(volume: Volume, model_name: str, expected: int) -> str:
+    """The message for a scan whose channel count is not the model's ``input.channels``.
+
+    The fourth axis of a 4-D NIfTI (``meta["nifti"]["dim"]`` of length 4) holds time
+    points (fMRI, DWI, perfusion), not channels: the message says so and how to pick one.
+    """
+    source = volume.meta.get("source", "input")
+    n = volume.num_channels
+    dim = (volume.meta.get("nifti") or {}).get("dim")
+    if dim is not None and len(dim) == 4 and int(dim[3]) == n > 1:
+        return (
+            f"{source}: 4-D NIfTI with {n} time points (volumes along dim[4]); model "
+            f"{model_name!r} takes one {expected}-channel 3-D scan: extract one time "
+            f"point first (e.g. fslroi {source} out.nii.gz 0 1, or nibabel "
+            f"img.slicer[..., 0])"
+        )
+    return f"{source}: scan has {n} channel(s); model {model_name!r} expects {expected}"
+
+
 def label_statistics(label: Volume, card: ModelCard) -> list[LabelStatistics]:
     """Voxel count and volume (mL) of every non-background label of ``card``.
 
@@ -122,16 +141,18 @@ class Predictor:
         Raises
         ------
         InvalidImageError
-            The scan has another number of channels than the card's ``input.channels``.
+            The scan has another number of channels than the card's ``input.channels``
+            (a 4-D NIfTI's fourth axis is named as time points), or NaN / infinite
+            voxels (:func:`medinfer.transforms.check_finite`), or a channel without
+            intensity range.
         """
-        from medinfer.transforms import normalize_intensity, to_model_grid
+        from medinfer.transforms import check_finite, normalize_intensity, to_model_grid
 
         spec = self.card.input
         if volume.num_channels != spec.channels:
-            raise InvalidImageError(
-                f"{volume.meta.get('source', 'input')}: scan has {volume.num_channels} "
-                f"channel(s); model {self.card.name!r} expects {spec.channels}"
-            )
+            raise InvalidImageError(channel_mismatch_message(volume, self.card.name,
+                                                             spec.channels))
+        check_finite(volume)
         on_grid, record = to_model_grid(volume, spec.orientation, spec.spacing)
         return normalize_intensity(on_grid, spec.normalization), record
 

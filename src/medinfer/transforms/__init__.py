@@ -10,6 +10,7 @@ built from per-axis :class:`AxisPlan` s. Intensity (:mod:`medinfer.transforms.in
 
 from medinfer.transforms.intensity import (
     IntensityMethod,
+    check_finite,
     normalize_intensity,
     validate_intensity_spec,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "PadMode",
     "SlabResampler",
     "SpatialRecord",
+    "check_finite",
     "crop_or_pad",
     "crop_to_nonzero",
     "invert_crop_or_pad",

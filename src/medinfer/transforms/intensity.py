@@ -26,12 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from medinfer.errors import ConfigError, parse_enum
+from medinfer.errors import ConfigError, InvalidImageError, parse_enum
 from medinfer.volume import Volume
 
 __all__ = [
     "PERCENTILE_EXACT_MAX",
     "IntensityMethod",
+    "check_finite",
     "normalize_intensity",
     "validate_intensity_spec",
 ]
@@ -142,6 +143,50 @@ def validate_intensity_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {"method": method.value, **p}
 
 
+def check_finite(volume: Volume, name: str | None = None) -> None:
+    """Refuse a volume holding NaN or infinite voxels.
+
+    Parameters
+    ----------
+    volume : Volume ``(C, I, J, K)``, any dtype (integer volumes always pass).
+    name : how the input is named in the message (default ``volume.meta["source"]``).
+
+    Raises
+    ------
+    InvalidImageError
+        The message gives the number of NaN and infinite voxels and the first one's
+        ``(channel, i, j, k)`` index. The check runs in slabs (no full-size temporary).
+    """
+    arr = volume.array
+    if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(
+        arr.dtype, np.complexfloating
+    ):
+        return
+    slab = max(1, _SLAB_VOXELS // max(1, int(np.prod(arr.shape[2:]))))
+    n_nan = n_inf = 0
+    first: tuple[int, ...] | None = None
+    for c in range(arr.shape[0]):
+        for i in range(0, arr.shape[1], slab):
+            part = arr[c, i:i + slab]
+            bad = ~np.isfinite(part)
+            if not bad.any():
+                continue
+            nan = int(np.count_nonzero(np.isnan(part)))
+            n_nan += nan
+            n_inf += int(np.count_nonzero(bad)) - nan
+            if first is None:
+                idx = np.unravel_index(int(np.argmax(bad)), bad.shape)
+                first = (c, i + int(idx[0]), *(int(v) for v in idx[1:]))
+    if first is None:
+        return
+    label = name or volume.meta.get("source") or "input"
+    raise InvalidImageError(
+        f"{label}: {n_nan} NaN and {n_inf} infinite voxel(s) (first at channel, i, j, k = "
+        f"{first}); only finite intensities are accepted (check the file's data and its "
+        f"scl_slope / rescale values)"
+    )
+
+
 def _percentiles(ch: np.ndarray, lower: float, upper: float, nonzero: bool) -> tuple[float, float]:
     flat = ch.reshape(-1)
     count = int(np.count_nonzero(flat)) if nonzero else flat.size
@@ -166,7 +211,7 @@ def _mean_std(ch: np.ndarray, mask: np.ndarray | None) -> tuple[float, float]:
         n += v.size
         s += float(np.sum(v, dtype=np.float64))
     if n == 0:
-        return 0.0, 1.0
+        return 0.0, 0.0
     mean = s / n
     ss = 0.0
     for i in range(0, ch.shape[0], slab):
@@ -190,11 +235,12 @@ def normalize_intensity(volume: Volume, spec: Mapping[str, Any]) -> Volume:
         ``percentile`` (``lower`` = 0.5, ``upper`` = 99.5 in [0, 100]; ``nonzero`` = False)
             ``lo, hi`` = the percentiles of the channel (of its non-zero voxels only if
             ``nonzero``); clip every voxel to ``[lo, hi]`` then ``(x - lo) / (hi - lo)``
-            (all 0 if ``hi == lo``).
+            (``hi == lo`` is an error).
         ``zscore`` (``nonzero`` = False)
-            ``(x - mean) / max(std, 1e-8)``; with ``nonzero`` the statistics use the
-            non-zero voxels only and voxels outside that mask are set to 0, as nnU-Net's
-            ``use_mask_for_norm`` (ZScoreNormalization).
+            ``(x - mean) / max(std, 1e-8)`` (``std == 0`` is an error); with
+            ``nonzero`` the statistics use the non-zero voxels only and voxels outside
+            that mask are set to 0, as nnU-Net's ``use_mask_for_norm``
+            (ZScoreNormalization).
         ``none``
             cast to float32.
 
@@ -207,9 +253,16 @@ def normalize_intensity(volume: Volume, spec: Mapping[str, Any]) -> Volume:
     ConfigError
         Missing or unknown ``method``, unknown key, or a bad value; the message names the
         key (``intensity.<key>``) and what is allowed.
+    InvalidImageError
+        NaN or infinite voxels (also after the cast to float32, e.g. values beyond
+        float32's range), see :func:`check_finite`; or, for ``percentile`` and
+        ``zscore``, a channel without intensity range (upper percentile not above the
+        lower one; standard deviation 0), which would otherwise be set to 0 entirely.
     """
     method, p = _parse(spec)
     out = volume.array.astype(np.float32, copy=True)
+    check_finite(volume.with_array(out), volume.meta.get("source"))
+    label = volume.meta.get("source") or "input"
     for c in range(out.shape[0]):
         ch = out[c]
         if method is IntensityMethod.CT_WINDOW:
@@ -219,15 +272,27 @@ def normalize_intensity(volume: Volume, spec: Mapping[str, Any]) -> Volume:
             ch *= np.float32(1.0 / (hi - lo))
         elif method is IntensityMethod.PERCENTILE:
             lo, hi = _percentiles(ch, p["lower"], p["upper"], p["nonzero"])
-            if hi > lo:
-                np.clip(ch, lo, hi, out=ch)
-                ch -= np.float32(lo)
-                ch *= np.float32(1.0 / (hi - lo))
-            else:
-                ch[...] = 0.0
+            if not hi > lo:
+                where = " non-zero" if p["nonzero"] else ""
+                raise InvalidImageError(
+                    f"{label}: channel {c} has no intensity range for percentile "
+                    f"normalisation: the {p['lower']:g}th and {p['upper']:g}th percentiles "
+                    f"of its{where} voxels are both {lo:g} (constant or empty image); "
+                    f"an image with varying intensities is needed"
+                )
+            np.clip(ch, lo, hi, out=ch)
+            ch -= np.float32(lo)
+            ch *= np.float32(1.0 / (hi - lo))
         elif method is IntensityMethod.ZSCORE:
             mask = (volume.array[c] != 0) if p["nonzero"] else None
             mean, std = _mean_std(ch, mask)
+            if not std > 0.0:
+                where = " non-zero" if p["nonzero"] else ""
+                raise InvalidImageError(
+                    f"{label}: channel {c} has no intensity range for z-score "
+                    f"normalisation: all its{where} voxels equal {mean:g} (constant or "
+                    f"empty image); an image with varying intensities is needed"
+                )
             ch -= np.float32(mean)
             ch *= np.float32(1.0 / max(std, _STD_EPS))
             if mask is not None:
