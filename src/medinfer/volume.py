@@ -18,6 +18,8 @@ from medinfer.errors import GeometryError
 
 #: tolerance for "is this affine singular"
 _DET_EPS = 1e-9
+#: largest accepted voxel step (mm): 100 m; PixelSpacing 1e300 is a corrupt header
+_MAX_STEP_MM = 1e5
 
 
 def validate_affine(affine: npt.ArrayLike, name: str = "affine") -> npt.NDArray[np.float64]:
@@ -27,7 +29,8 @@ def validate_affine(affine: npt.ArrayLike, name: str = "affine") -> npt.NDArray[
     ------
     GeometryError
         If the shape is not (4, 4), the last row is not ``[0, 0, 0, 1]``, a value is
-        not finite, or the 3x3 linear part is singular.
+        not finite, the 3x3 linear part is singular, or a voxel step is longer than
+        100 m (infinite or absurd determinant).
     """
     a = np.asarray(affine, dtype=np.float64)
     if a.shape != (4, 4):
@@ -36,8 +39,16 @@ def validate_affine(affine: npt.ArrayLike, name: str = "affine") -> npt.NDArray[
         raise GeometryError(f"{name}: contains non-finite values")
     if not np.allclose(a[3], [0.0, 0.0, 0.0, 1.0], atol=1e-6):
         raise GeometryError(f"{name}: last row must be [0, 0, 0, 1], got {a[3].tolist()}")
-    if abs(np.linalg.det(a[:3, :3])) < _DET_EPS:
+    with np.errstate(over="ignore", invalid="ignore"):
+        det = abs(float(np.linalg.det(a[:3, :3])))
+        steps = np.linalg.norm(a[:3, :3], axis=0)
+    if det < _DET_EPS:
         raise GeometryError(f"{name}: the 3x3 part is singular (zero spacing or collinear axes)")
+    if not np.isfinite(det) or float(steps.max()) > _MAX_STEP_MM:
+        raise GeometryError(
+            f"{name}: voxel steps {steps.tolist()} mm (determinant {det:.3g}) are absurd; "
+            f"accepted: at most {_MAX_STEP_MM:g} mm per voxel"
+        )
     out = a.copy()
     out[3] = [0.0, 0.0, 0.0, 1.0]
     return out

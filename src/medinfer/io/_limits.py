@@ -76,3 +76,64 @@ def check_array_size(
             f"{MAX_BYTES_ENV} to raise it)"
         )
     return n_bytes
+
+
+#: default cap (bytes) on what one compressed stream (a deflated DICOM data set) may
+#: inflate to: 2 GiB, the same default as the server's ``max_unpacked_bytes``
+DEFAULT_MAX_UNPACKED_BYTES: int = 2 * 1024**3
+
+#: environment variable that overrides :data:`DEFAULT_MAX_UNPACKED_BYTES` (the server
+#: setting ``MEDINFER_MAX_UNPACKED_BYTES`` of the same name)
+MAX_UNPACKED_ENV: str = "MEDINFER_MAX_UNPACKED_BYTES"
+
+#: most frames (slices) one DICOM series may hold; every frame costs a Python object with
+#: its geometry before pixel data are read, so a header announcing 10^6 frames is refused
+#: up front. Override with ``MEDINFER_MAX_FRAMES``.
+DEFAULT_MAX_FRAMES: int = 65_536
+
+MAX_FRAMES_ENV: str = "MEDINFER_MAX_FRAMES"
+
+
+def _positive_env(name: str, default: int) -> int:
+    env = os.environ.get(name)
+    if env is None or env.strip() == "":
+        return default
+    try:
+        value = int(env.strip())
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(f"{name}: {env!r} is not a positive integer")
+    return value
+
+
+def resolve_max_unpacked_bytes() -> int:
+    """Cap on inflated bytes: ``MEDINFER_MAX_UNPACKED_BYTES`` or 2 GiB.
+
+    Raises
+    ------
+    ConfigError
+        The variable is set but not a positive integer.
+    """
+    return _positive_env(MAX_UNPACKED_ENV, DEFAULT_MAX_UNPACKED_BYTES)
+
+
+def resolve_max_frames() -> int:
+    """Most frames of one DICOM series: ``MEDINFER_MAX_FRAMES`` or 65,536.
+
+    Raises
+    ------
+    ConfigError
+        The variable is set but not a positive integer.
+    """
+    return _positive_env(MAX_FRAMES_ENV, DEFAULT_MAX_FRAMES)
+
+
+def check_frame_count(n_frames: int, what: str) -> None:
+    """Raise :class:`ResourceLimitError` if a series announces more frames than allowed."""
+    limit = resolve_max_frames()
+    if n_frames > limit:
+        raise ResourceLimitError(
+            f"{what}: {n_frames:,} frames announced (NumberOfFrames / files); the limit is "
+            f"{limit:,} frames (set {MAX_FRAMES_ENV} to raise it)"
+        )

@@ -7,7 +7,9 @@ Pipeline of :func:`read_dicom`
    its header read with ``stop_before_pixels``. Skipped and counted: non-DICOM files,
    DICOMDIR files (Media Storage Directory, PS3.10 section 7.2), DICOM objects without an
    image (no Rows/Columns: SR, RT structure sets, presentation states) and Segmentation
-   objects (PS3.3 A.51, read by the SEG reader), unreadable files.
+   objects (PS3.3 A.51, read by the SEG reader), unreadable files (DICOM files that do not
+   parse, and files named ``.dcm`` / ``.dicom`` / ``.ima`` that are not DICOM; see
+   "Unreadable files" below: they stop the read of the series they may belong to).
 2. **Group** by SeriesInstanceUID (0020,000E). With several series and no ``series_uid``
    a :class:`~medinfer.errors.SeriesSelectionError` lists them (description, modality,
    slice count, UID); :func:`list_series` gives the same list as data. Files repeating a
@@ -48,6 +50,18 @@ Pipeline of :func:`read_dicom`
    results whose actual values fit 16 bits are narrowed to int16/uint16 (e.g. CT stored
    as signed 16 bits with intercept -1024 comes back as int16 HU).
 
+Unreadable files
+----------------
+A file of the chosen series that cannot be read is an error naming it
+(:class:`~medinfer.errors.InvalidImageError`), never a volume with a slice fewer: a
+file whose header cannot be parsed (e.g. an unreadable first file) counts as the
+chosen series' when the SeriesInstanceUID in what can be parsed of it is that
+series' (or names no other series found), or when not even that can be read; a file
+whose pixel data cannot be decoded (e.g. a truncated last file) always does. With
+``allow_missing_slices=True`` (CLI ``--allow-missing-slices``) such files are left
+out with a warning and listed in ``meta["skipped_files"]``; the remaining slices must
+still form a regular stack (a gap in the middle stays a ``GeometryError``).
+
 Axes and frames
 ---------------
 The array is ``(1, I, J, K)``: I runs along a row (the column index, DICOM direction
@@ -67,7 +81,8 @@ multi-frame file the same UID repeats) and ``frame_numbers`` (1-based frame per 
 ``body_part_examined``, ``photometric_interpretation``, ``rescale_slope`` /
 ``rescale_intercept`` (a number, or one per slice when they differ), ``rescale_type``,
 ``pixel_spacing`` (row, column; mm), ``slice_spacing`` (mm), ``slice_thickness``,
-``image_orientation_patient``, ``window_center`` / ``window_width``, ``n_files``.
+``image_orientation_patient``, ``window_center`` / ``window_width``, ``n_files``, ``skipped_files`` (files left out
+with ``allow_missing_slices``; empty otherwise).
 """
 
 from __future__ import annotations
@@ -75,6 +90,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -82,7 +98,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -93,9 +108,11 @@ from medinfer.errors import (
     ResourceLimitError,
     SeriesSelectionError,
 )
+from medinfer.io._dicom_guard import check_pixel_bytes, dcmread_bounded, rescale_into
 from medinfer.io._dtypes import fits, smallest_int_dtype
-from medinfer.io._limits import check_array_size
+from medinfer.io._limits import check_array_size, check_frame_count
 from medinfer.io._lps import affine_lps_to_ras, affine_ras_to_lps
+from medinfer.io._missing_slices import allow_missing_slices_default
 from medinfer.io.dicom_writer import write_dicom_series
 from medinfer.io.sniff import looks_like_dicom
 from medinfer.volume import Volume
@@ -117,6 +134,8 @@ MAX_FILES = 200_000
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 _RTDOSE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.2"
+#: file suffixes of DICOM files: such a file that is not readable DICOM counts as unreadable
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 #: errors a DICOM parser raises on corrupt input
 _PARSE_ERRORS: tuple[type[BaseException], ...] = (
     InvalidDicomError,
@@ -131,6 +150,7 @@ _PARSE_ERRORS: tuple[type[BaseException], ...] = (
     NotImplementedError,
     OverflowError,
     RuntimeError,
+    zlib.error,
 )
 
 
@@ -182,6 +202,8 @@ class _ScanReport:
     non_image: int = 0
     segmentation: int = 0
     unreadable: list[tuple[Path, str]] = field(default_factory=list)
+    #: (path, SOPClassUID, SeriesInstanceUID) of the DICOM objects without an image
+    non_image_files: list[tuple[Path, str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         parts = [f"{self.files} files looked at"]
@@ -281,10 +303,15 @@ def _read_header(f: Path, report: _ScanReport) -> tuple[_Entry | None, str]:
         report.unreadable.append((f, str(exc)))
         return None, f"cannot read the file ({exc.strerror or exc})"
     if not looks_like_dicom(head):
+        if f.suffix.lower() in _DICOM_SUFFIXES:
+            # named as DICOM but unreadable as DICOM: a damaged slice, not a stray file
+            why = f"named {f.suffix} but not readable as DICOM (starts with {head[:16]!r})"
+            report.unreadable.append((f, why))
+            return None, why
         report.non_dicom += 1
         return None, f"not a DICOM file (starts with {head[:16]!r})"
     try:
-        ds = pydicom.dcmread(
+        ds = dcmread_bounded(
             f, stop_before_pixels=True, force=head[128:132] != b"DICM", defer_size="1 MB"
         )
         sop_class = str(ds.get("SOPClassUID", "") or "")
@@ -312,6 +339,7 @@ def _read_header(f: Path, report: _ScanReport) -> tuple[_Entry | None, str]:
         return None, "a DICOM Segmentation object, not an image series"
     if not has_image:
         report.non_image += 1
+        report.non_image_files.append((f, sop_class, _str(ds, "SeriesInstanceUID")))
         return None, f"a DICOM object without an image (SOP class {sop_class or '?'})"
     return _Entry(f, ds), ""
 
@@ -363,6 +391,7 @@ def read_dicom(
     max_bytes: int | None = None,
     position_tolerance_mm: float = 0.02,
     spacing_rtol: float = 0.01,
+    allow_missing_slices: bool | None = None,
 ) -> Volume:
     """Read one DICOM series (or one DICOM file) as a :class:`Volume`.
 
@@ -375,6 +404,11 @@ def read_dicom(
     max_bytes : limit on the returned array's size (default 4 GiB or
         ``MEDINFER_MAX_IMAGE_BYTES``), checked before pixel data are read.
     position_tolerance_mm, spacing_rtol : geometry tolerances (module docstring, step 4).
+    allow_missing_slices : load the series without its files that cannot be read (see
+        "Unreadable files" in the module docstring) instead of raising; the skipped files
+        are listed in ``meta["skipped_files"]`` and in a warning. ``None`` (default):
+        the environment variable ``MEDINFER_ALLOW_MISSING_SLICES`` (set by the CLI's
+        ``--allow-missing-slices``), else False.
 
     Returns
     -------
@@ -389,7 +423,8 @@ def read_dicom(
     ------
     InvalidImageError
         No DICOM image under ``path`` (an empty folder, only non-DICOM files), an
-        unreadable or truncated file, pixel data that cannot be decoded (compressed
+        unreadable or truncated file of the chosen series (named in the message; unless
+        ``allow_missing_slices``), pixel data that cannot be decoded (compressed
         transfer syntax without a decoder), colour images, Modality LUT sequences.
     SeriesSelectionError
         Several series and no ``series_uid``, or ``series_uid`` not found; the message
@@ -401,11 +436,14 @@ def read_dicom(
         The volume would exceed ``max_bytes``, or the folder holds too many files.
     """
     p = Path(path)
+    if allow_missing_slices is None:
+        allow_missing_slices = allow_missing_slices_default()
     entries, report = _scan(p)
     if not entries:
         raise InvalidImageError(f"{p}: no DICOM images found ({report.summary()})")
     groups = _group(entries)
     chosen = _choose(p, groups, series_uid)
+    skipped = _unreadable_of_series(p, report, groups, chosen, allow_missing_slices)
     # lower bound from the headers before any per-frame work (NumberOfFrames may lie)
     first = chosen[0]
     check_array_size(
@@ -414,6 +452,9 @@ def read_dicom(
         str(p),
         max_bytes,
     )
+    check_frame_count(sum(_n_frames(e.ds) for e in chosen), str(p))
+    for e in chosen:
+        check_pixel_bytes(e.ds, e.path, _n_frames(e.ds), _int(e, "Rows"), _int(e, "Columns"))
     frames = [fr for e in chosen for fr in _frames_of(e)]
     try:
         order, affine_lps, slice_spacing = _stack_geometry(
@@ -431,10 +472,85 @@ def read_dicom(
     rows, cols = _int(frames[0].entry, "Rows"), _int(frames[0].entry, "Columns")
     out_dtype = _output_dtype(frames)
     check_array_size((cols, rows, len(frames)), out_dtype.itemsize, str(p), max_bytes)
-    array_kji = _narrow(_read_pixels(frames, rows, cols, out_dtype, max_bytes, str(p)))
+    array_kji, bad = _read_pixels(
+        frames, rows, cols, out_dtype, max_bytes, str(p), skip_bad=allow_missing_slices
+    )
+    if bad:  # allow_missing_slices: drop the files whose pixels cannot be decoded
+        keep = [k for k, f in enumerate(frames) if f.entry.path not in bad]
+        if not keep:
+            raise InvalidImageError(f"{p}: no file of the series could be decoded")
+        frames = [frames[k] for k in keep]
+        order2, affine_lps, slice_spacing = _stack_geometry(
+            frames, position_tolerance_mm, spacing_rtol
+        )
+        frames = [frames[i] for i in order2]
+        array_kji = array_kji[np.asarray(keep)[order2]]
+        chosen = [e for e in chosen if e.path not in bad]
+        skipped.extend((path, why) for path, why in bad.items())
+    for path, why in skipped:
+        log.warning("%s: skipped (allow_missing_slices): %s", path, why)
+    array_kji = _narrow(array_kji)
     array = np.transpose(array_kji, (2, 1, 0))  # (I=column index, J=row index, K)
     meta = _meta(p, frames, chosen, slice_spacing)
+    meta["skipped_files"] = [str(path) for path, _ in skipped]
     return Volume(array, affine_lps_to_ras(affine_lps), meta)
+
+
+def _series_uid_of_unreadable(f: Path) -> str | None:
+    """SeriesInstanceUID of a file whose full header cannot be parsed, if readable.
+
+    Parses only up to the Relationship module (group 0x0020), so a file cut short
+    after its SeriesInstanceUID still names its series; ``None`` when even that fails.
+    """
+    from pydicom.filereader import read_partial
+
+    try:
+        with open(f, "rb") as fh:
+            ds = read_partial(
+                fh, stop_when=lambda tag, vr, length: tag > 0x0020000E, force=True
+            )
+            uid = ds.get("SeriesInstanceUID")
+    except _PARSE_ERRORS:
+        return None
+    return str(uid).strip() if uid else None
+
+
+def _unreadable_of_series(
+    p: Path,
+    report: _ScanReport,
+    groups: dict[str, list[_Entry]],
+    chosen: Sequence[_Entry],
+    allow: bool,
+) -> list[tuple[Path, str]]:
+    """The unreadable files that may belong to the chosen series; raises unless ``allow``.
+
+    A file counts when its SeriesInstanceUID (read as far as the file allows) is the
+    chosen series' UID, or cannot be read at all (then it may be any series' slice).
+    So does a file of the chosen series and SOP class without Rows/Columns (pydicom
+    reads a header cut short as far as it goes).
+    """
+    uid = _str(chosen[0].ds, "SeriesInstanceUID")
+    sop_class = _str(chosen[0].ds, "SOPClassUID")
+    mine: list[tuple[Path, str]] = []
+    for path, cls, other in report.non_image_files:
+        # an image SOP class without Rows/Columns in this series: a header cut short
+        # (its SeriesInstanceUID is the chosen one, cut short inside it, or absent)
+        if cls in (sop_class, "") and uid.startswith(other):
+            mine.append((path, f"SOP class {cls or '?'} without Rows/Columns: the header "
+                               "is cut short or damaged"))
+    for path, why in report.unreadable:
+        other = _series_uid_of_unreadable(path)
+        if other is None or other == uid or other not in groups:
+            mine.append((path, why))
+    if mine and not allow:
+        path, why = mine[0]
+        more = f" (and {len(mine) - 1} more file(s))" if len(mine) > 1 else ""
+        raise InvalidImageError(
+            f"{path}: a file of the chosen DICOM series cannot be read ({why}){more}; "
+            "the series would load with a slice missing. Repair or remove the file, or "
+            "load without it (allow_missing_slices=True, CLI: --allow-missing-slices)"
+        )
+    return mine
 
 
 def _choose(p: Path, groups: dict[str, list[_Entry]], series_uid: str | None) -> list[_Entry]:
@@ -509,6 +625,13 @@ def _enhanced_frames(e: _Entry, n: int) -> list[_Frame]:
         raise InvalidImageError(
             f"{e.path}: PerFrameFunctionalGroupsSequence has {len(per)} items but "
             f"NumberOfFrames is {n}"
+        )
+    if n > 1 and not len(per):
+        # only shared groups: every frame has the same plane position (refused before
+        # building one object per frame)
+        raise GeometryError(
+            f"{e.path}: {n} frames share one position (no PerFrameFunctionalGroupsSequence, "
+            "only shared functional groups); not a 3-D stack"
         )
 
     def item(frame: Dataset, seq: str) -> Dataset | None:
@@ -717,6 +840,16 @@ def _output_dtype(frames: Sequence[_Frame]) -> np.dtype[Any]:
     """Integer dtype when every rescale is integral (smallest holding the range), else f32."""
     if any("FloatPixelData" in f.entry.ds or "DoubleFloatPixelData" in f.entry.ds for f in frames):
         return np.dtype(np.float32)
+    f32_max = float(np.finfo(np.float32).max)
+    for f in frames:
+        s_lo, s_hi = _stored_range(f.entry)
+        ends = (s_lo * f.slope + f.intercept, s_hi * f.slope + f.intercept)
+        if not all(np.isfinite(v) and abs(v) <= f32_max for v in ends):
+            raise InvalidImageError(
+                f"{f.where()}: RescaleSlope {f.slope:g} / RescaleIntercept {f.intercept:g} "
+                f"map the stored range [{s_lo}, {s_hi}] beyond the float32 range; "
+                "accepted: rescaled values within +-3.4e38"
+            )
     lo, hi = None, None
     for f in frames:
         if not (float(f.slope).is_integer() and float(f.intercept).is_integer()):
@@ -726,6 +859,8 @@ def _output_dtype(frames: Sequence[_Frame]) -> np.dtype[Any]:
         a, b = min(a, b), max(a, b)
         lo = a if lo is None else min(lo, a)
         hi = b if hi is None else max(hi, b)
+    if not fits(np.dtype(np.int64), lo or 0, hi or 0):
+        return np.dtype(np.float32)
     return smallest_int_dtype(lo or 0, hi or 0)
 
 
@@ -736,35 +871,39 @@ def _read_pixels(
     out_dtype: np.dtype[Any],
     max_bytes: int | None,
     what: str,
-) -> np.ndarray:
-    """Pixel data of the sorted frames, shape (K, rows, columns), rescaled."""
+    *,
+    skip_bad: bool = False,
+) -> tuple[np.ndarray, dict[Path, str]]:
+    """(pixel data of the sorted frames (K, rows, columns) rescaled, files not decoded).
+
+    A file whose pixel data cannot be decoded (truncated, corrupt) raises
+    :class:`InvalidImageError` naming it; with ``skip_bad`` its frames are left
+    uninitialised and it is returned with the reason instead.
+    """
     out = np.empty((len(frames), rows, cols), dtype=out_dtype)
     by_file: dict[Path, list[int]] = defaultdict(list)
+    bad: dict[Path, str] = {}
     for k, f in enumerate(frames):
         by_file[f.entry.path].append(k)
     for path, ks in by_file.items():
-        pixels = _pixel_array(frames[ks[0]].entry, rows, cols)
+        try:
+            pixels = _pixel_array(frames[ks[0]].entry, rows, cols)
+        except InvalidImageError as exc:
+            if not skip_bad:
+                raise InvalidImageError(
+                    f"{exc}. The series would load with a slice missing; repair or remove "
+                    "the file, or load without it (allow_missing_slices=True, CLI: "
+                    "--allow-missing-slices)"
+                ) from None
+            bad[path] = str(exc)
+            continue
         for k in ks:
             f = frames[k]
             raw = pixels[0 if f.index is None else f.index]
-            if out.dtype.kind == "f":
-                vals = raw.astype(np.float64)
-                if f.slope != 1.0 or f.intercept != 0.0:
-                    vals = vals * f.slope + f.intercept
-            else:
-                vals = raw.astype(np.int64) * int(f.slope) + int(f.intercept)
-                if vals.size and not fits(out.dtype, int(vals.min()), int(vals.max())):
-                    # stored values beyond BitsStored: widen instead of wrapping around
-                    wider = smallest_int_dtype(
-                        min(int(vals.min()), int(np.iinfo(out.dtype).min)),
-                        max(int(vals.max()), int(np.iinfo(out.dtype).max)),
-                    )
-                    check_array_size(out.shape, wider.itemsize, what, max_bytes)
-                    out = out.astype(wider)
-            out[k] = vals
+            out = rescale_into(out, k, raw, f.slope, f.intercept, max_bytes, what)
         del pixels
         log.debug("read pixels of %s", path)
-    return out
+    return out, bad
 
 
 def _narrow(a: np.ndarray) -> np.ndarray:
@@ -797,7 +936,7 @@ def _pixel_array(e: _Entry, rows: int, cols: int) -> np.ndarray:
     """Stored pixel values of a file, shape (frames, rows, columns)."""
     n = _n_frames(e.ds)
     try:
-        ds = pydicom.dcmread(e.path, force=True)
+        ds = dcmread_bounded(e.path, force=True, defer_size="1 MB")
         _ensure_transfer_syntax(ds)
         arr = np.asarray(ds.pixel_array)
     except _PARSE_ERRORS as exc:

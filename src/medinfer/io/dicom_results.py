@@ -7,9 +7,11 @@ returns ``None`` for anything that is not a derived object, which is then read a
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from pathlib import Path
 
-from medinfer.errors import ConfigError, InvalidImageError
+from medinfer.errors import ConfigError, InvalidImageError, MedinferError
 from medinfer.volume import Volume
 
 __all__ = ["read_dicom_result"]
@@ -54,13 +56,20 @@ def read_dicom_result(
     InvalidImageError
         An unreadable file of one of those kinds.
     """
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
     p = Path(path)
+    from medinfer.io._dicom_guard import dcmread_bounded
+
     try:
-        head = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+        # force: DICOM without preamble (raw data sets) reach here too; bounded: hostile
+        # lengths and deflate streams cost no more than the file holds
+        head = dcmread_bounded(p, stop_before_pixels=True, force=True)
+    except MedinferError:
+        raise
+    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError,
+            IndexError, AttributeError, NotImplementedError, OverflowError,
+            struct.error, zlib.error) as exc:
         raise InvalidImageError(f"{p}: not a readable DICOM file ({exc})") from None
     kind = _KINDS.get(str(head.get("SOPClassUID", "")))
     if kind is None:

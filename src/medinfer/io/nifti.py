@@ -62,7 +62,7 @@ _DATA_OFFSET = {1: 352, 2: 544}
 _UNIT_TO_MM = {"unknown": 1.0, "mm": 1.0, "meter": 1000.0, "micron": 1e-3}
 _NIFTI1_MAX_DIM = 32767
 _CHUNK = 1 << 24  # bytes per read call while decompressing
-_SCALE_BLOCK = 1 << 22  # raw bytes per block when scaling while reading
+_SCALE_BLOCK = 1 << 20  # raw bytes per block when scaling while reading
 _MAX_VOX_OFFSET = 1 << 26  # 64 MiB of header extensions at most
 
 
