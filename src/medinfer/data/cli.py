@@ -73,7 +73,7 @@ def cache_cmd(
     """Build (or complete) the uint8 cache under DATA_DIR/processed."""
     from medinfer.data.cache import CacheManager
 
-    report = CacheManager(data_dir).build_cache(num_workers=workers, force=force)
+    report = CacheManager(data_dir).build_cache(num_workers=workers, force=force, on_error="skip")
     typer.echo(
         f"built {report.built}, up to date {report.up_to_date}, unusable {report.unusable}, "
         f"failed {len(report.failed)}"

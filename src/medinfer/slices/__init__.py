@@ -6,8 +6,12 @@
   ``prediction.schema.json``) -> int16 NIfTI label volume on the original grid, with a
   3D Slicer colour table, a label description and a summary.
 
-See ``docs/slices.md``.
+Command line: ``medinfer slices reconstruct``, ``python -m medinfer slices reconstruct``,
+``python -m medinfer.slices reconstruct`` or ``python -m medinfer.slices.reconstruct``
+(the same options). See ``docs/slices.md`` and ``docs/compat/slices.md``.
 """
+
+import warnings
 
 from medinfer.slices.export import ExportResult, IntensityWindow, export_slices, parse_window
 from medinfer.slices.geometry import SliceAxis, SliceMapping, mapping_from_affine
@@ -20,6 +24,7 @@ from medinfer.slices.predictions import (
     prediction_schema,
     validate_prediction,
 )
+from medinfer.slices.qc import write_qc_overlays
 from medinfer.slices.raster import fill_polygon
 from medinfer.slices.reconstruct import (
     PatientResult,
@@ -53,4 +58,13 @@ __all__ = [
     "reconstruct",
     "reconstruct_patient",
     "validate_prediction",
+    "write_qc_overlays",
 ]
+
+# ``python -m medinfer.slices.reconstruct`` imports this package (and with it the module)
+# before running the module as __main__; runpy's warning about that is harmless here
+warnings.filterwarnings(
+    "ignore",
+    message=r"'medinfer\.slices\.reconstruct' found in sys\.modules",
+    category=RuntimeWarning,
+)

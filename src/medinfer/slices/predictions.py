@@ -36,7 +36,7 @@ import numpy.typing as npt
 from medinfer.errors import MedinferError, ResourceLimitError
 
 #: prediction file names: ``{patient_id}_slice{index}.json`` (index with >= 4 digits)
-PREDICTION_FILE_RE = re.compile(r"^(?P<pid>.+)_slice(?P<index>\d{4,})\.json$")
+PREDICTION_FILE_RE = re.compile(r"^(?P<pid>.+)_slice(?P<index>\d+)\.json$")
 
 #: refuse prediction files larger than this (bytes)
 MAX_PREDICTION_FILE_BYTES = 64 * 1024 * 1024

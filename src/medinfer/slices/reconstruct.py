@@ -1,6 +1,6 @@
 """Rebuild per-slice polygon predictions into a 3D label volume on the original grid.
 
-For each patient: read ``{patient_id}_slice{index:04d}.json`` files (schema in
+For each patient: read ``{patient_id}_slice{index}.json`` files (schema in
 :mod:`medinfer.slices.predictions`), fill the polygons of every class onto the slice
 grid (:mod:`medinfer.slices.raster`: pixel centre inside or on the polygon), undo
 the export's display rotation/flip (:class:`~medinfer.slices.geometry.SliceMapping`),
@@ -51,6 +51,7 @@ from medinfer.errors import (
     ResourceLimitError,
     parse_enum,
 )
+from medinfer.slices.defaults import DEFAULT_INFERENCE_DIR, DEFAULT_OUTPUT, DEFAULT_PREDICTIONS
 from medinfer.slices.export import metadata_name, read_export_metadata, strip_image_suffix
 from medinfer.slices.geometry import SliceAxis, SliceMapping, mapping_from_affine
 from medinfer.slices.labels import LabelTable
@@ -60,6 +61,7 @@ from medinfer.slices.predictions import (
     find_prediction_files,
     parse_prediction_file,
 )
+from medinfer.slices.qc import DEFAULT_QC_SLICES, write_qc_overlays
 from medinfer.slices.raster import fill_polygon, outside_extent
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ class PatientResult:
     voxel_volume_ml: float = 0.0
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
+    qc_images: list[Path] = field(default_factory=list)
 
     def to_dict(self, labels: LabelTable | None = None) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -120,6 +123,7 @@ class PatientResult:
                 for k, v in sorted(self.voxels_per_label.items())
             },
             "warnings": self.warnings,
+            "qc_images": [str(p) for p in self.qc_images],
         }
         if self.error is not None:
             d["error"] = self.error
@@ -373,9 +377,12 @@ def reconstruct_patient(
     axis: SliceAxis | str | None = None,
     on_unknown_class: UnknownClassPolicy | str = UnknownClassPolicy.ERROR,
     normalized_convention: NormalizedConvention | str = NormalizedConvention.CENTER,
+    qc_dir: str | os.PathLike[str] | None = None,
+    qc_slices: int = DEFAULT_QC_SLICES,
 ) -> PatientResult:
     """Rebuild and write one patient's mask (see :func:`reconstruct` for the rules).
 
+    ``qc_dir``: folder for the QC overlay PNGs (:mod:`medinfer.slices.qc`); None = none.
     Returns a :class:`PatientResult`; raises :class:`MedinferError` on any error.
     """
     from medinfer import io
@@ -407,6 +414,7 @@ def reconstruct_patient(
         original = find_original_image(patient_id, inference_dir, meta)
     result.original_image = original
 
+    vol = None
     if original is not None:
         vol = io.load(original)
         affine = vol.affine
@@ -454,10 +462,12 @@ def reconstruct_patient(
             f"{prediction_files[bad[0]]}"
         )
     stack = np.zeros((n, h, w), dtype=np.int16)
+    parsed: dict[int, SlicePrediction] = {}
     for index in sorted(prediction_files):
         pred = parse_prediction_file(prediction_files[index], normalized_convention)
         stack[index] = rasterize_slice(pred, h, w, table, on_unknown_class, warn=rep.warn)
         result.num_polygons += len(pred.polygons)
+        parsed[index] = pred
     result.num_slices = n
     result.slices_with_predictions = len(prediction_files)
     result.missing_slices = [i for i in range(n) if i not in prediction_files]
@@ -486,6 +496,11 @@ def reconstruct_patient(
     write_text_atomic(
         stem.with_name(stem.name + "_labels.json"), json.dumps(description, indent=2) + "\n"
     )
+    if qc_dir is not None:
+        image_slices = mapping.to_slices(vol.channel(0)) if vol is not None else None
+        result.qc_images = write_qc_overlays(
+            patient_id, stack, parsed, table, qc_dir, image_slices, qc_slices
+        )
     write_text_atomic(
         stem.with_name(stem.name + "_summary.json"),
         json.dumps(result.to_dict(table), indent=2) + "\n",
@@ -495,10 +510,10 @@ def reconstruct_patient(
 
 # ------------------------------------------------------------------ public API
 def reconstruct(
-    predictions: str | os.PathLike[str] = "outputs/predictions",
+    predictions: str | os.PathLike[str] = DEFAULT_PREDICTIONS,
     *,
-    output: str | os.PathLike[str] = "outputs/masks",
-    inference_dir: str | os.PathLike[str] | None = None,
+    output: str | os.PathLike[str] = DEFAULT_OUTPUT,
+    inference_dir: str | os.PathLike[str] | None = DEFAULT_INFERENCE_DIR,
     patient_id: str | None = None,
     original_image: str | os.PathLike[str] | None = None,
     metadata: str | os.PathLike[str] | None = None,
@@ -506,19 +521,24 @@ def reconstruct(
     axis: SliceAxis | str | None = None,
     on_unknown_class: UnknownClassPolicy | str = UnknownClassPolicy.ERROR,
     normalized_convention: NormalizedConvention | str = NormalizedConvention.CENTER,
+    qc: bool = True,
+    qc_slices: int = DEFAULT_QC_SLICES,
 ) -> list[PatientResult]:
     """Rebuild 3D int16 label volumes from per-slice polygon prediction files.
 
     Parameters
     ----------
-    predictions : folder with ``{patient_id}_slice{index:04d}.json`` files (searched
-        recursively; schema: ``medinfer/slices/prediction.schema.json``).
+    predictions : folder with ``{patient_id}_slice{index}.json`` files, the index with
+        any zero padding (``_slice90``, ``_slice0090``; searched recursively; schema:
+        ``medinfer/slices/prediction.schema.json``). Default
+        ``outputs/inference/predictions``.
     output : folder for ``{patient_id}_pred_mask.nii.gz`` (+ ``.ctbl``,
         ``_labels.json``, ``_summary.json``); in single-patient mode also a file
         name ending in ``.nii``/``.nii.gz``. Batch mode also writes ``summary.json``.
-    inference_dir : folder searched for original scans (by patient id in the file
-        name, ``{id}_0000`` or the export metadata's source name) and for the export
-        metadata ``{patient_id}_export.json``.
+    inference_dir : folder searched for original scans (``{id}.nii.gz``, ``{id}.nii``,
+        ``.nrrd``/``.mha``/``.mhd``, a DICOM folder ``{id}/``, also ``{id}_0000`` or the
+        export metadata's source name) and for the export metadata
+        ``{patient_id}_export.json``. Default ``data/inference`` (skipped when absent).
     patient_id : single-patient mode; default: every patient found (batch mode).
     original_image : the original scan (single-patient mode; overrides the search).
     metadata : explicit export metadata JSON (single-patient mode); default: searched
@@ -530,6 +550,10 @@ def reconstruct(
     on_unknown_class : ``"error"`` (default) or ``"ignore"`` (warning, polygon dropped).
     normalized_convention : ``"center"`` (default, ``x_px = x * W``) or ``"edge"``
         (``x_px = x * W - 0.5``) for files with ``"normalized": true``.
+    qc : write quality-control overlay PNGs (:mod:`medinfer.slices.qc`) to ``qc/`` in
+        the output folder (beside the mask file in single-file mode):
+        ``qc/{patient_id}_slice{index:04d}_qc.png``.
+    qc_slices : slices per patient in the QC overlays.
 
     Returns
     -------
@@ -565,6 +589,7 @@ def reconstruct(
         "axis": axis,
         "on_unknown_class": on_unknown_class,
         "normalized_convention": normalized_convention,
+        "qc_slices": qc_slices,
     }
     if patient_id is not None:
         if patient_id not in groups:
@@ -574,12 +599,14 @@ def reconstruct(
                 f"{pred_dir} (patients found: {known})"
             )
         meta = Path(metadata) if metadata is not None else find_metadata(patient_id, search)
+        mask_path = _output_paths(out, patient_id, single=True)
         res = reconstruct_patient(
             patient_id,
             groups[patient_id],
-            _output_paths(out, patient_id, single=True),
+            mask_path,
             original_image=original_image,
             metadata_path=meta,
+            qc_dir=mask_path.parent / "qc" if qc else None,
             **common,
         )
         return [res]
@@ -603,6 +630,7 @@ def reconstruct(
                 groups[pid],
                 _output_paths(out, pid, single=False),
                 metadata_path=find_metadata(pid, search),
+                qc_dir=out / "qc" if qc else None,
                 **common,
             )
         except MedinferError as exc:
@@ -624,3 +652,11 @@ def reconstruct(
             + "; ".join(failures)
         )
     return results
+
+
+if __name__ == "__main__":  # ``python -m medinfer.slices.reconstruct [options]``
+    import sys
+
+    from medinfer.slices.cli import main
+
+    main(["reconstruct", *sys.argv[1:]], prog_name="python -m medinfer.slices")
