@@ -451,8 +451,11 @@ def test_unreadable_file_named_in_gap_error(tmp_path: Path) -> None:
     _, folder = _series(tmp_path)
     f = _by_position(folder)[3]
     f.write_bytes(f.read_bytes()[:200])  # header cut short: unreadable
-    with pytest.raises(GeometryError, match=r"unreadable file\(s\) were skipped"):
+    with pytest.raises(InvalidImageError, match=f"{f}: a file of the chosen DICOM series"):
         load(folder)
+    # allowed to leave it out, the gap it leaves is still refused, naming the file
+    with pytest.raises(GeometryError, match=r"unreadable file\(s\) were skipped"):
+        load(folder, allow_missing_slices=True)
 
 
 def test_single_frame_enhanced_object(tmp_path: Path) -> None:

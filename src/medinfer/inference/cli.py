@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from medinfer.batch import BatchResult
+    from medinfer.io.dicom_export import DicomOutputOptions
     from medinfer.models.card import ModelCard
     from medinfer.prediction import Prediction
     from medinfer.volume import Volume
@@ -122,8 +123,12 @@ def case_summary(case: CaseInput, name: str, volume: Volume, pred: Prediction,
 
 def write_case(out_dir: Path, name: str, case: CaseInput, volume: Volume,
                pred: Prediction, card: ModelCard, *, overlay: bool,
-               extra: dict[str, Any] | None = None) -> dict[str, Path]:
+               extra: dict[str, Any] | None = None,
+               dicom: DicomOutputOptions | None = None) -> dict[str, Path]:
     """Write all outputs of one case; all-or-nothing (temporary files renamed at the end).
+
+    ``dicom``: DICOM SEG / RTSTRUCT outputs (:mod:`medinfer.io.dicom_export`; default: a
+    SEG for DICOM inputs).
 
     Returns the written paths by kind (``seg``, ``colour_table``, ``label_description``,
     ``prob``, ``stats``, ``overlay``).
@@ -142,8 +147,14 @@ def write_case(out_dir: Path, name: str, case: CaseInput, volume: Volume,
     if overlay:
         paths["overlay"] = out_dir / f"{name}_overlay.png"
     save_overlay_png = _overlay_function() if overlay else None
+    from medinfer.io.dicom_export import plan_case_outputs
+
+    dicom_plan = plan_case_outputs(out_dir, name, case.path, case.kind == "dicom", volume, pred,
+                                   card, dicom)
+    paths.update(dicom_plan.paths)
     with contextlib.ExitStack() as stack:
         tmp = {k: stack.enter_context(atomic_path(p)) for k, p in paths.items()}
+        dicom_plan.write(tmp)
         io.save(derived_from(pred.label, volume, label_map=True), tmp["seg"])
         table = card_label_table(card)
         tmp["colour_table"].write_text(table.to_ctbl(), encoding="utf-8")
@@ -230,6 +241,8 @@ def run_predict(
     name_by: str = "uid",
     devices: str | list[str] | None = None,
     ray: str | None = None,
+    ray_options: dict[str, Any] | None = None,
+    dicom: DicomOutputOptions | None = None,
 ) -> BatchResult:
     """The body of ``medinfer predict`` (usable from Python); returns written paths per case.
 
@@ -243,7 +256,9 @@ def run_predict(
     case: a failed case is recorded, the rest continue), ``skip_existing`` (``--continue``),
     ``overwrite``, ``num_parts`` / ``part_id``, ``num_workers`` (reader / writer threads,
     0 = sequential), ``name_by`` (``uid`` | ``description`` | ``path``), ``devices``
-    (``"cuda:0,cuda:1"``: one model per device), ``ray`` (a Ray address, ``""`` = default).
+    (``"cuda:0,cuda:1"``: one model per device), ``ray`` (a Ray address, ``""`` = default;
+    ``ray_options`` for :func:`medinfer.distributed.run_on_ray`).
+    ``dicom``: DICOM SEG / RTSTRUCT / SR outputs (:mod:`medinfer.io.dicom_export`).
     The returned list has ``.summary`` (counts, manifest path, case rows) and
     ``.exit_code`` (0, 3 some cases failed, 2 all failed).
 
@@ -254,6 +269,9 @@ def run_predict(
         error (unexpected exceptions as :class:`medinfer.batch.CaseFailedError`); no
         output file of the failing case exists.
     """
+    from medinfer.inference.precheck import precheck_inputs
+
+    precheck_inputs(inputs)  # bad files fail here, before torch and the model are loaded
     from rich.console import Console
 
     from medinfer.errors import ConfigError
@@ -282,6 +300,11 @@ def run_predict(
             card, _ = resolve_model(model or DEFAULT_MODEL)
         if config is not None or (card is not None and card.task is Task.DETECTION):
             _delegate_detection(inputs, model, config, output_dir, device, overrides)
+            if card is not None:
+                from medinfer.io.dicom_export import detection_cases, write_detection_outputs
+
+                write_detection_outputs(detection_cases(inputs), output_dir, card, dicom,
+                                        series_uid=series)
             from medinfer.batch import BatchResult
 
             return BatchResult()
@@ -299,13 +322,15 @@ def run_predict(
         "series": series, "tta": tta, "overlap": overlap, "stream": stream,
         "save_probabilities": save_probabilities, "overlay": overlay, "folds": folds,
         "checkpoint": checkpoint, "name_by": str(name_by),
+        **({"dicom": dicom.settings()} if dicom is not None else {}),
     }
     return execute_predict(
         cases, output_dir, predictor_kwargs=predictor_kwargs, settings=settings,
         series=series, overlay=overlay, keep_going=keep_going, skip_existing=skip_existing,
         overwrite=overwrite, num_parts=num_parts, part_id=part_id, num_workers=num_workers,
-        name_by=name_by, devices=devices, ray=ray, console=out, err=err, verbose=verbose,
-        label_table=_label_table)
+        name_by=name_by, devices=devices, ray=ray, ray_options=ray_options, console=out,
+        err=err, verbose=verbose, label_table=_label_table,
+        write_options={"dicom": dicom} if dicom is not None else None)
 
 
 def _delegate_detection(inputs: list[Path], model: str | None, config: Path | None,
@@ -328,6 +353,10 @@ def register(app: typer.Typer) -> None:
         output_dir: Path = typer.Option(..., "--output", "-o", help="Output folder."),
         series: str | None = typer.Option(
             None, "--series", help="SeriesInstanceUID to use from a DICOM folder."),
+        allow_missing_slices: bool = typer.Option(
+            False, "--allow-missing-slices",
+            help="Load a DICOM series without its unreadable files (truncated, corrupt) "
+                 "instead of stopping with an error naming them."),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
         tta: bool | None = typer.Option(
             None, "--tta/--no-tta", help="Mirroring test-time augmentation [default: card]."),
@@ -378,21 +407,45 @@ def register(app: typer.Typer) -> None:
             None, "--ray",
             help="Run on a Ray cluster: --ray (a running local cluster or a new one), "
                  "--ray auto or --ray HOST:PORT. Needs medinfer[ray]."),
+        output_format: str | None = typer.Option(
+            None, "--output-format",
+            help="nifti, dicom-seg, rtstruct, dicom-sr or all (comma list); NIfTI is always "
+                 "written [default: nifti, plus dicom-seg for DICOM inputs]."),
+        seg_type: str = typer.Option(
+            "binary", "--seg-type", help="DICOM SEG type: binary or labelmap."),
+        seg_compression: str = typer.Option(
+            "none", "--seg-compression", help="DICOM SEG pixel encoding: none, rle, jpeg2000 "
+                                              "or jpegls (lossless; rle/jpegls: labelmap)."),
+        seg_metadata: Path | None = typer.Option(
+            None, "--seg-metadata",
+            help="Label names/colours/codes for DICOM outputs: a MITK .mitklabel.json or a "
+                 "dcmqi seg-metadata.json [default: one found beside the input]."),
+        dicom_reference: Path | None = typer.Option(
+            None, "--dicom-reference",
+            help="The DICOM series a NIfTI input came from (enables DICOM outputs for it; "
+                 "the grids must match)."),
     ) -> None:
         """Run a model on scans; write label maps, statistics and (optionally) more.
 
         --model may be a medinfer model folder / model.yaml / bundled name, an nnU-Net v2
         model folder (<Trainer>__<Plans>__<configuration>) or a MONAI bundle folder.
         """
+        from medinfer.io._missing_slices import allowing_missing_slices
+
         fold_list = [f for v in folds or [] for f in v.replace(",", " ").split()] or None
-        result = run_predict(
-            inputs, model=model, output_dir=output_dir, series=series, device=device,
-            tta=tta, overlap=overlap, batch_size=batch_size,
-            save_probabilities=save_probabilities, overlay=overlay, config=config,
-            verbose=verbose, folds=fold_list, checkpoint=checkpoint,
-            trust_model_code=trust_model_code, stream=stream, keep_going=keep_going,
-            skip_existing=skip_existing, overwrite=overwrite, num_parts=num_parts,
-            part_id=part_id, num_workers=num_workers, name_by=name_by, devices=devices,
-            ray=ray)
+        from medinfer.io.dicom_export import DicomOutputOptions
+
+        dicom = DicomOutputOptions.from_cli(output_format, seg_type, seg_compression,
+                                            seg_metadata, dicom_reference)
+        with allowing_missing_slices(allow_missing_slices):
+            result = run_predict(
+                inputs, model=model, output_dir=output_dir, series=series, device=device,
+                tta=tta, overlap=overlap, batch_size=batch_size,
+                save_probabilities=save_probabilities, overlay=overlay, config=config,
+                verbose=verbose, folds=fold_list, checkpoint=checkpoint,
+                trust_model_code=trust_model_code, stream=stream, keep_going=keep_going,
+                skip_existing=skip_existing, overwrite=overwrite, num_parts=num_parts,
+                part_id=part_id, num_workers=num_workers, name_by=name_by, devices=devices,
+                ray=ray, dicom=dicom)
         if result.exit_code:
             raise typer.Exit(result.exit_code)

@@ -81,8 +81,8 @@ multi-frame file the same UID repeats) and ``frame_numbers`` (1-based frame per 
 ``body_part_examined``, ``photometric_interpretation``, ``rescale_slope`` /
 ``rescale_intercept`` (a number, or one per slice when they differ), ``rescale_type``,
 ``pixel_spacing`` (row, column; mm), ``slice_spacing`` (mm), ``slice_thickness``,
-``image_orientation_patient``, ``window_center`` / ``window_width``, ``n_files``, ``skipped_files`` (files left out
-with ``allow_missing_slices``; empty otherwise).
+``image_orientation_patient``, ``window_center`` / ``window_width``, ``n_files``,
+``skipped_files`` (files left out with ``allow_missing_slices``; empty otherwise).
 """
 
 from __future__ import annotations

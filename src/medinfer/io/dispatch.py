@@ -18,6 +18,7 @@ def load(
     series_uid: str | None = None,
     max_bytes: int | None = None,
     reference: str | os.PathLike[str] | Volume | None = None,
+    allow_missing_slices: bool | None = None,
 ) -> Volume:
     """Load a scan as a :class:`Volume` (array ``(C, I, J, K)``, affine voxel -> RAS+ mm).
 
@@ -37,6 +38,9 @@ def load(
         Volume); the label map comes back on its grid
         (:func:`medinfer.io.dicom_results.read_dicom_result`). ``series_uid`` then picks
         the series in that folder.
+    allow_missing_slices : DICOM: leave out files of the series that cannot be read
+        instead of raising (:func:`medinfer.io.dicom.read_dicom`; default: the
+        ``MEDINFER_ALLOW_MISSING_SLICES`` environment variable, else False).
 
     Raises
     ------
@@ -65,7 +69,9 @@ def load(
         raise ConfigError(f"{p}: reference= applies to DICOM SEG, RTSTRUCT and SR files only")
     from medinfer.io.dicom import read_dicom
 
-    return read_dicom(p, series_uid=series_uid, max_bytes=max_bytes)
+    return read_dicom(
+        p, series_uid=series_uid, max_bytes=max_bytes, allow_missing_slices=allow_missing_slices
+    )
 
 
 def save(
