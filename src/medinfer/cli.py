@@ -27,6 +27,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain help and error text: Rich markup would swallow "[default: card]" and
+    # "pip install 'medinfer[ui]'"
+    rich_markup_mode=None,
 )
 
 #: modules that contribute sub-commands via ``register(app)``
@@ -36,12 +39,25 @@ _PLUGINS: list[str] = [
     "medinfer.slices.cli",
     "medinfer.serve.cli",
     "medinfer.postprocess.cli",
+    "medinfer.formats.nnunet_cli",
+    "medinfer.pacs.cli",
 ]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from medinfer import __version__
+
+        typer.echo(f"medinfer {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
 def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress and timings."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True,
+        help="Print the medinfer version and exit."),
 ) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -61,6 +77,10 @@ def version() -> None:
 def _register_plugins() -> None:
     for name in _PLUGINS:
         importlib.import_module(name).register(app)
+    # sub-command groups print their help as plain text too (see rich_markup_mode above)
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            group.typer_instance.rich_markup_mode = None
 
 
 def _fail(message: str, code: int) -> None:
@@ -107,7 +127,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     _register_plugins()
     try:
-        args = join_multi_value_options(sys.argv[1:] if argv is None else argv)
+        from medinfer.distributed import fill_bare_ray_option
+
+        args = fill_bare_ray_option(
+            join_multi_value_options(sys.argv[1:] if argv is None else argv))
         app(args=args, prog_name="medinfer")
     except MedinferError as exc:
         _fail(str(exc), 2)

@@ -243,6 +243,7 @@ def run_predict(
     ray: str | None = None,
     ray_options: dict[str, Any] | None = None,
     dicom: DicomOutputOptions | None = None,
+    force: bool = False,
 ) -> BatchResult:
     """The body of ``medinfer predict`` (usable from Python); returns written paths per case.
 
@@ -259,6 +260,9 @@ def run_predict(
     (``"cuda:0,cuda:1"``: one model per device), ``ray`` (a Ray address, ``""`` = default;
     ``ray_options`` for :func:`medinfer.distributed.run_on_ray`).
     ``dicom``: DICOM SEG / RTSTRUCT / SR outputs (:mod:`medinfer.io.dicom_export`).
+    ``force``: run scans that do not fit the model card's input contract (modality,
+    intensities, slice count) even where the card refuses them
+    (:mod:`medinfer.inference.contract`; mismatches are warned about either way).
     The returned list has ``.summary`` (counts, manifest path, case rows) and
     ``.exit_code`` (0, 3 some cases failed, 2 all failed).
 
@@ -316,6 +320,7 @@ def run_predict(
         "model": model or DEFAULT_MODEL, "device": device, "tta": tta, "overlap": overlap,
         "batch_size": batch_size, "save_probabilities": save_probabilities, "stream": stream,
         "folds": folds, "checkpoint": checkpoint, "trust_model_code": trust_model_code,
+        **({"force": True} if force else {}),
     }
     # everything that changes the outputs (--continue redoes a case when these differ)
     settings = {
@@ -424,6 +429,10 @@ def register(app: typer.Typer) -> None:
             None, "--dicom-reference",
             help="The DICOM series a NIfTI input came from (enables DICOM outputs for it; "
                  "the grids must match)."),
+        force: bool = typer.Option(
+            False, "--force",
+            help="Run scans that do not fit the model card's input contract (modality, "
+                 "intensities, slice count) even where the card refuses them."),
     ) -> None:
         """Run a model on scans; write label maps, statistics and (optionally) more.
 
@@ -446,6 +455,6 @@ def register(app: typer.Typer) -> None:
                 trust_model_code=trust_model_code, stream=stream, keep_going=keep_going,
                 skip_existing=skip_existing, overwrite=overwrite, num_parts=num_parts,
                 part_id=part_id, num_workers=num_workers, name_by=name_by, devices=devices,
-                ray=ray, dicom=dicom)
+                ray=ray, dicom=dicom, force=force)
         if result.exit_code:
             raise typer.Exit(result.exit_code)
