@@ -51,7 +51,7 @@ from medinfer.io._limits import check_array_size
 from medinfer.io.sniff import GZIP_ERRORS, nifti_version, read_head
 from medinfer.volume import Volume
 
-__all__ = ["NIFTI_SUFFIXES", "derived_from", "read_nifti", "write_nifti"]
+__all__ = ["NIFTI_SUFFIXES", "check_nifti_header", "derived_from", "read_nifti", "write_nifti"]
 
 #: accepted output suffixes
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -99,29 +99,12 @@ def read_nifti(path: str | os.PathLike[str], *, max_bytes: int | None = None) ->
         The header's affine is singular or not finite.
     """
     p = Path(path)
-    head, gz = read_head(p, 544)
-    version = nifti_version(head)
-    if version is None:
-        kind = "a gzip file without a NIfTI header" if gz else "not a NIfTI file"
-        raise InvalidImageError(
-            f"{p}: {kind} (starts with {head[:16]!r}); expected a NIfTI-1/2 header "
-            "(sizeof_hdr 348 or 540 with magic n+1/n+2)"
-        )
-    hdr = _parse_header(p, head, version)
-    magic = bytes(np.asarray(hdr["magic"]).tobytes()).rstrip(b"\x00")
-    if magic in (b"ni1", b"ni2"):
-        raise InvalidImageError(
-            f"{p}: the header of a NIfTI header/image pair (.hdr/.img, magic {magic!r}); "
-            "only single-file NIfTI (.nii, .nii.gz) is supported"
-        )
-    file_shape, vol_shape = _shapes(p, hdr)
+    hdr, version, gz, file_shape, vol_shape = _checked_header(p, max_bytes)
     raw_dtype = _raw_dtype(p, hdr)
     slope, inter = _slope_inter(p, hdr)
     scaled = slope is not None
     out_dtype = _scaled_dtype(raw_dtype) if scaled else raw_dtype.newbyteorder("=")
     n_vox = int(np.prod(file_shape, dtype=object))
-    # the reader holds the output array (plus one block of _SCALE_BLOCK bytes when scaling)
-    check_array_size(file_shape, out_dtype.itemsize, str(p), max_bytes)
     n_bytes = n_vox * raw_dtype.itemsize
     vox_offset = float(hdr["vox_offset"])
     if not np.isfinite(vox_offset) or vox_offset > _MAX_VOX_OFFSET:
@@ -172,6 +155,50 @@ def read_nifti(path: str | os.PathLike[str], *, max_bytes: int | None = None) ->
         "dim": [int(s) for s in file_shape],
     }
     return Volume(array, affine, {"format": "nifti", "source": str(p), "nifti": meta_nifti})
+
+
+def check_nifti_header(path: str | os.PathLike[str], *, max_bytes: int | None = None) -> None:
+    """Check a NIfTI file's header without reading its voxels (cheap, imports no torch).
+
+    The checks :func:`read_nifti` does before reading voxel data: content is NIfTI-1/2
+    (plain or gzip), single-file, readable header, supported dims and datatype, and the
+    voxel count times the element size within ``max_bytes``. Used by the CLI to refuse
+    bad input before anything heavy (torch, the model) is loaded.
+
+    Raises
+    ------
+    InvalidImageError, ResourceLimitError
+        As :func:`read_nifti`.
+    """
+    _checked_header(Path(path), max_bytes)
+
+
+def _checked_header(
+    p: Path, max_bytes: int | None
+) -> tuple[Any, int, bool, tuple[int, ...], tuple[int, int, int, int]]:
+    """(header, version, gzip, file shape, Volume shape) after the pre-read checks."""
+    head, gz = read_head(p, 544)
+    version = nifti_version(head)
+    if version is None:
+        kind = "a gzip file without a NIfTI header" if gz else "not a NIfTI file"
+        raise InvalidImageError(
+            f"{p}: {kind} (starts with {head[:16]!r}); expected a NIfTI-1/2 header "
+            "(sizeof_hdr 348 or 540 with magic n+1/n+2)"
+        )
+    hdr = _parse_header(p, head, version)
+    magic = bytes(np.asarray(hdr["magic"]).tobytes()).rstrip(b"\x00")
+    if magic in (b"ni1", b"ni2"):
+        raise InvalidImageError(
+            f"{p}: the header of a NIfTI header/image pair (.hdr/.img, magic {magic!r}); "
+            "only single-file NIfTI (.nii, .nii.gz) is supported"
+        )
+    file_shape, vol_shape = _shapes(p, hdr)
+    raw_dtype = _raw_dtype(p, hdr)
+    slope, _ = _slope_inter(p, hdr)
+    out_dtype = _scaled_dtype(raw_dtype) if slope is not None else raw_dtype.newbyteorder("=")
+    # the reader holds the output array (plus one block of _SCALE_BLOCK bytes when scaling)
+    check_array_size(file_shape, out_dtype.itemsize, str(p), max_bytes)
+    return hdr, version, gz, file_shape, vol_shape
 
 
 def _parse_header(p: Path, head: bytes, version: int) -> Any:
