@@ -93,6 +93,9 @@ class Predictor:
     batch_size : windows per network call; ``None`` = the card's.
     save_probabilities : keep the float32 probability Volume ``(K, I, J, K)`` on the
         source grid in ``Prediction.probabilities``.
+    force : run scans that do not fit the card's input contract even when the card says
+        ``input.mismatch: refuse`` (:mod:`medinfer.inference.contract`; a warning is
+        logged either way).
 
     Raises
     ------
@@ -109,6 +112,7 @@ class Predictor:
         overlap: float | None = None,
         batch_size: int | None = None,
         save_probabilities: bool = False,
+        force: bool = False,
     ) -> None:
         from medinfer.errors import ConfigError
         from medinfer.models.loaders import resolve_device
@@ -133,6 +137,7 @@ class Predictor:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: expected >= 1, got {self.batch_size}")
         self.save_probabilities = save_probabilities
+        self.force = force
 
     # ------------------------------------------------------------------ stages
     def preprocess(self, volume: Volume) -> tuple[Volume, SpatialRecord]:
@@ -144,8 +149,11 @@ class Predictor:
             The scan has another number of channels than the card's ``input.channels``
             (a 4-D NIfTI's fourth axis is named as time points), or NaN / infinite
             voxels (:func:`medinfer.transforms.check_finite`), or a channel without
-            intensity range.
+            intensity range, or (card ``input.mismatch: refuse``, no ``force``) a scan
+            that does not fit the input contract
+            (:func:`medinfer.inference.contract.check_input_contract`).
         """
+        from medinfer.inference.contract import check_input_contract
         from medinfer.transforms import check_finite, normalize_intensity, to_model_grid
 
         spec = self.card.input
@@ -153,6 +161,7 @@ class Predictor:
             raise InvalidImageError(channel_mismatch_message(volume, self.card.name,
                                                              spec.channels))
         check_finite(volume)
+        check_input_contract(volume, self.card, force=self.force)
         on_grid, record = to_model_grid(volume, spec.orientation, spec.spacing)
         return normalize_intensity(on_grid, spec.normalization), record
 

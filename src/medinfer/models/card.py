@@ -57,6 +57,13 @@ class Activation(StrEnum):
     SIGMOID = "sigmoid"
 
 
+class InputMismatch(StrEnum):
+    """What to do with a scan that does not fit the card's input contract."""
+
+    WARN = "warn"
+    REFUSE = "refuse"
+
+
 class WeightFormat(StrEnum):
     """On-disk format of the weights file."""
 
@@ -71,6 +78,9 @@ class Network(StrEnum):
     UNET = "UNet"
     SEGRESNET = "SegResNet"
     DYNUNET = "DynUNet"
+    BASICUNET = "BasicUNet"
+    UNETR = "UNETR"
+    SWINUNETR = "SwinUNETR"
 
 
 class _Strict(BaseModel):
@@ -141,6 +151,12 @@ class InputSpec(_Strict):
         :func:`medinfer.transforms.normalize_intensity`; ``method`` is one of
         ``ct_window`` (``min_hu``, ``max_hu``), ``percentile`` (``lower``, ``upper``,
         ``nonzero``), ``zscore`` (``nonzero``), ``none``.
+    min_slices : fewest voxels along every spatial axis a scan must have (default 3: a
+        single 2-D slice does not fit a 3-D model).
+    mismatch : ``warn`` (default) or ``refuse``: what happens when a scan does not fit
+        the contract (DICOM Modality or intensities of another modality, fewer than
+        ``min_slices`` slices); see :func:`medinfer.inference.contract.check_input_contract`.
+        ``--force`` runs refused scans anyway.
     """
 
     modality: str = Field(default="MR", min_length=1, max_length=16)
@@ -148,6 +164,11 @@ class InputSpec(_Strict):
     orientation: str | None = "RAS"
     spacing: tuple[float, float, float] | None = None
     normalization: dict[str, Any] = Field(default_factory=lambda: {"method": "none"})
+    min_slices: int = Field(default=3, ge=1, le=4096)
+    mismatch: InputMismatch = InputMismatch.WARN
+
+    _mismatch = field_validator("mismatch", mode="before")(
+        _enum_validator(InputMismatch, "mismatch"))
 
     @field_validator("orientation")
     @classmethod
