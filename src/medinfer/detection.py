@@ -87,8 +87,11 @@ def inference_settings(card: Any, cfg: DetectionConfig) -> dict[str, Any]:
     Raises
     ------
     ConfigError
-        ``inference.stride`` larger than the patch size along an axis.
+        ``inference.stride`` larger than the patch size along an axis, or ``stride`` and
+        ``overlap`` both given and inconsistent (``stride != round(patch * (1 - overlap))``).
     """
+    from medinfer.postprocess.detection_config import check_stride_overlap
+
     inf = cfg.inference
     ci = card.inference
     patch = tuple(int(p) for p in (inf.patch_size or ci.patch_size))
@@ -96,6 +99,11 @@ def inference_settings(card: Any, cfg: DetectionConfig) -> dict[str, Any]:
         if any(s > p for s, p in zip(inf.stride, patch, strict=True)):
             raise ConfigError(f"inference.stride: {list(inf.stride)} must not exceed "
                               f"inference.patch_size {list(patch)} (windows would leave gaps)")
+        if inf.overlap is not None:
+            try:
+                check_stride_overlap(inf.stride, inf.overlap, patch)
+            except ValueError as exc:
+                raise ConfigError(f"inference: {exc}") from None
         overlap = tuple(1.0 - s / p for s, p in zip(inf.stride, patch, strict=True))
     else:
         ov = inf.overlap if inf.overlap is not None else float(ci.overlap)
@@ -117,13 +125,34 @@ def inference_settings(card: Any, cfg: DetectionConfig) -> dict[str, Any]:
     }
 
 
-def augmentations(cfg: DetectionConfig) -> list[tuple[tuple[int, ...], int]]:
-    """TTA list of ``(flip_axes, rot90_k)``; identity first. Axes are model-grid axes."""
+Augmentation = tuple[tuple[int, ...], int, tuple[int, int]]
+
+#: the named (PIVOT) augmentations: x, y, z = model-grid axes 0, 1, 2
+_NAMED_AUGS: dict[str, Augmentation] = {
+    "flip_x": ((0,), 0, (0, 1)), "flip_y": ((1,), 0, (0, 1)), "flip_z": ((2,), 0, (0, 1)),
+    "rotate_90_xy": ((), 1, (0, 1)), "rotate_90_xz": ((), 1, (0, 2)),
+    "rotate_90_yz": ((), 1, (1, 2)),
+}
+
+
+def augmentations(cfg: DetectionConfig) -> list[Augmentation]:
+    """TTA list of ``(flip_axes, rot90_k, rotation_axes)``; identity first.
+
+    Axes are model-grid axes (0, 1, 2 = x, y, z of the named augmentations ``flip_x`` ...
+    ``rotate_90_yz``; for a card with ``orientation: RAS``: R, A, S). With
+    ``tta.augmentations`` the named list is used; otherwise ``flips`` then ``rotations``
+    (in the plane ``rotation_axes``). ``num_augmentations`` keeps the first N, identity
+    included.
+    """
     tta = cfg.inference.tta
-    out: list[tuple[tuple[int, ...], int]] = [((), 0)]
+    rot_axes = tuple(tta.rotation_axes)
+    out: list[Augmentation] = [((), 0, (0, 1))]
     if tta.enabled:
-        out += [(tuple(sorted(f)), 0) for f in tta.flips if f]
-        out += [((), int(k)) for k in tta.rotations]
+        if tta.augmentations is not None:
+            out += [_NAMED_AUGS[str(a.value)] for a in tta.augmentations]
+        else:
+            out += [(tuple(sorted(f)), 0, (0, 1)) for f in tta.flips if f]
+            out += [((), int(k), (rot_axes[0], rot_axes[1])) for k in tta.rotations]
     if tta.num_augmentations is not None:
         out = out[: tta.num_augmentations]
     return out
@@ -142,8 +171,7 @@ def _tent(shape: tuple[int, ...]) -> Any:
 
 
 def model_grid_logits(x: Any, model: Callable[[Any], Any], settings: dict[str, Any],
-                      augs: list[tuple[tuple[int, ...], int]],
-                      rotation_axes: tuple[int, int] = (0, 1),
+                      augs: list[Augmentation],
                       progress: Callable[[float], None] | None = None) -> Any:
     """Logits ``(1, K, *spatial)`` on the model grid for input ``x`` ``(1, C, *spatial)``."""
     import torch
@@ -163,9 +191,9 @@ def model_grid_logits(x: Any, model: Callable[[Any], Any], settings: dict[str, A
     else:
         net = model
         engine_blend = "gaussian" if blending is BlendingChoice.GAUSSIAN else "constant"
-    rot_dims = [a + 2 for a in rotation_axes]
     acc = None
-    for n, (flips, k) in enumerate(augs):
+    for n, (flips, k, rotation_axes) in enumerate(augs):
+        rot_dims = [a + 2 for a in rotation_axes]
         xa = x
         if flips:
             xa = torch.flip(xa, [a + 2 for a in flips])
@@ -181,6 +209,7 @@ def model_grid_logits(x: Any, model: Callable[[Any], Any], settings: dict[str, A
             blending=engine_blend, sigma_scale=settings["sigma_scale"],
             batch_size=settings["batch_size"], mode=str(settings["mode"].value),
             size_divisible=settings["size_divisible"], progress=prog,
+            device=getattr(model, "device", None),  # the tent wrapper has no .device
         )
         if blending is BlendingChoice.LINEAR:
             y = y[:, :-1] / y[:, -1:].clamp(min=1e-6)
@@ -191,6 +220,59 @@ def model_grid_logits(x: Any, model: Callable[[Any], Any], settings: dict[str, A
         acc = y if acc is None else acc + y
     assert acc is not None
     return acc / len(augs)
+
+
+def performance_notice(cfg: DetectionConfig, device: str) -> str | None:
+    """One line naming the performance keys that do nothing on ``device`` (None if none).
+
+    On CUDA: ``mixed_precision`` runs the network under ``torch.autocast`` (float16),
+    ``cudnn_benchmark`` sets ``torch.backends.cudnn.benchmark``, ``clear_cache`` empties
+    the CUDA cache after each scan. ``num_workers`` is the number of threads reading and
+    writing scans in a batch (any device). ``prefetch_factor`` has no effect (scans are
+    read whole, one per worker). On CPU all but ``num_workers`` are no-ops.
+    """
+    inf = cfg.inference
+    asked = {"mixed_precision": cfg.model.mixed_precision, "cudnn_benchmark": inf.cudnn_benchmark,
+             "clear_cache": inf.clear_cache, "prefetch_factor": inf.prefetch_factor}
+    cuda = str(device).startswith("cuda")
+    noop = [k for k, v in asked.items() if v and (not cuda or k == "prefetch_factor")]
+    if not noop:
+        return None
+    return f"detection config: {', '.join(noop)} ha{'s' if len(noop) == 1 else 've'} no " \
+        f"effect on device {device} (see docs/compat/pivot.md)"
+
+
+class PerformanceContext:
+    """Apply the performance keys of ``cfg`` around a network run (see
+    :func:`performance_notice`); logs the notice once per run."""
+
+    def __init__(self, cfg: DetectionConfig, model: Any) -> None:
+        self.cfg = cfg
+        self.device = str(getattr(model, "device", "cpu"))
+        self._stack: Any = None
+
+    def __enter__(self) -> PerformanceContext:
+        import contextlib
+
+        import torch
+
+        note = performance_notice(self.cfg, self.device)
+        if note:
+            LOG.warning(note)
+        self._stack = contextlib.ExitStack()
+        if self.device.startswith("cuda"):
+            if self.cfg.inference.cudnn_benchmark is not None:
+                torch.backends.cudnn.benchmark = bool(self.cfg.inference.cudnn_benchmark)
+            if self.cfg.model.mixed_precision:
+                self._stack.enter_context(torch.autocast("cuda", dtype=torch.float16))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        self._stack.close()
+        if self.device.startswith("cuda") and self.cfg.inference.clear_cache:
+            torch.cuda.empty_cache()
 
 
 def run_heatmap(volume: Volume, card: Any, model: Callable[[Any], Any],
@@ -241,10 +323,11 @@ def run_heatmap(volume: Volume, card: Any, model: Callable[[Any], Any],
     t1 = time.perf_counter()
     settings = inference_settings(card, cfg)
     x = torch.from_numpy(np.ascontiguousarray(mv.array, dtype=np.float32))[None]
-    logits = model_grid_logits(
-        x, model, settings, augmentations(cfg), cfg.inference.tta.rotation_axes,
-        progress=(lambda f: progress("inference", f)) if progress else None,
-    )
+    with PerformanceContext(cfg, model):
+        logits = model_grid_logits(
+            x, model, settings, augmentations(cfg),
+            progress=(lambda f: progress("inference", f)) if progress else None,
+        ).float().cpu()
     heat_m = torch.sigmoid(logits[:, :1]).numpy()[0]
     t["inference"] = time.perf_counter() - t1
     t2 = time.perf_counter()
@@ -357,9 +440,19 @@ def write_case_outputs(
     *,
     card: Any,
     categories: Sequence[str],
-    processing_time: float,
-) -> dict[str, Path]:
-    """Write the per-scan files selected in ``cfg.output.formats``; returns kind -> path."""
+    started: float,
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Write the per-scan files selected in ``cfg.output.formats``.
+
+    ``started`` is the :func:`time.perf_counter` value when reading the scan began; the
+    JSON's ``summary.processing_time_seconds`` runs from it to the end of writing the other
+    files (the JSON is written last, the PDF that quotes it after it).
+
+    Returns
+    -------
+    (paths, document)
+        kind -> path of each written file, and the detections document.
+    """
     from medinfer.io import save
     from medinfer.reporting.detections import (
         detection_document,
@@ -371,15 +464,14 @@ def write_case_outputs(
     vis = cfg.visualization
     out: dict[str, Path] = {}
     output_dir.mkdir(parents=True, exist_ok=True)
-    doc = detection_document(case, image, detections, model=card.name,
-                             model_version=str(card.version), categories=categories,
-                             processing_time_seconds=processing_time)
-    if OutputFormat.JSON in fmts:
-        out["json"] = write_detections_json(doc, output_dir / f"{case}_detections.json")
     if OutputFormat.CSV in fmts:
-        out["csv"] = write_detections_csv(detections, output_dir / f"{case}_detections.csv")
+        out["csv"] = write_detections_csv(detections, output_dir / f"{case}_detections.csv",
+                                          scan_id=case)
     if OutputFormat.HEATMAP in fmts:
         out["heatmap"] = save(heatmap, output_dir / f"{case}_heatmap.nii.gz")
+    if OutputFormat.HEATMAP_NPY in fmts:
+        out["heatmap_npy"] = write_npy_atomic(output_dir / f"{case}_heatmap.npy",
+                                              np.asarray(heatmap.array[0], dtype=np.float32))
     png = output_dir / f"{case}_visualization.png"
     if OutputFormat.PNG in fmts or OutputFormat.PDF in fmts:
         from medinfer.reporting.detection_figures import write_visualization_png
@@ -397,6 +489,11 @@ def write_case_outputs(
             title=f"{case}: {len(detections)} finding(s) ({card.name})",
             threshold=cfg.post_processing.segmentation_threshold, window_hu=vis.window_hu,
             max_points=vis.html_max_points)
+    doc = detection_document(case, image, detections, model=card.name,
+                             model_version=str(card.version), categories=categories,
+                             processing_time_seconds=time.perf_counter() - started)
+    if OutputFormat.JSON in fmts:
+        out["json"] = write_detections_json(doc, output_dir / f"{case}_detections.json")
     if OutputFormat.PDF in fmts:
         from medinfer.reporting.detection_pdf import write_detection_pdf
 
@@ -406,21 +503,33 @@ def write_case_outputs(
     if OutputFormat.PNG not in fmts and png.exists() and "pdf" in out:
         png.unlink()
         out.pop("png", None)
-    return out
+    return out, doc
+
+
+def write_npy_atomic(path: Path, array: np.ndarray) -> Path:
+    """Save ``array`` with :func:`numpy.save` atomically (``medinfer._atomic``)."""
+    from medinfer._atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    return path
 
 
 def _batch_summary(output_dir: Path, rows: list[dict[str, Any]], categories: Sequence[str],
-                   confidences: list[float], cfg: DetectionConfig) -> None:
+                   confidences: list[float], cfg: DetectionConfig) -> dict[str, Any]:
     total = sum(r["num_detections"] for r in rows)
     times = [r["processing_time_seconds"] for r in rows]
     per_cat = {c: sum(r["risk_categories"].get(c, 0) for r in rows) for c in categories}
+    avg = sum(times) / len(times) if times else 0.0
     summary = {
         "num_scans": len(rows),
+        "total_detections": total,
+        "avg_time": avg,
         "num_detections": total,
         "scans_with_detections": sum(1 for r in rows if r["num_detections"] > 0),
         "detections_per_scan": total / len(rows) if rows else 0.0,
         "risk_categories": per_cat,
-        "average_processing_time_seconds": sum(times) / len(times) if times else 0.0,
+        "average_processing_time_seconds": avg,
         "scans": rows,
     }
     if cfg.output.batch_summary:
@@ -441,30 +550,80 @@ def _batch_summary(output_dir: Path, rows: list[dict[str, Any]], categories: Seq
         write_confidence_distribution(output_dir / "confidence_distribution.png", confidences,
                                       threshold=cfg.post_processing.threshold,
                                       dpi=cfg.visualization.dpi)
+    return summary
+
+
+def open_detection_model(model: str | None, cfg: DetectionConfig,
+                         device: str = "auto") -> tuple[Any, Callable[[Any], Any]]:
+    """The detection model named by ``model`` (wins), ``model.checkpoint`` or ``model.name``.
+
+    A checkpoint file is opened with :func:`medinfer.models.checkpoint.open_checkpoint`
+    (``model.architecture`` / ``architecture_kwargs`` for a state dict; card: ``model.name``'s
+    card if given, else the PIVOT defaults). ``device`` overrides ``model.device`` unless
+    empty or ``auto``.
+
+    Raises
+    ------
+    ConfigError
+        No model named. ModelError: not loadable, or not a detection model.
+    """
+    from medinfer.models import resolve_model
+    from medinfer.models.checkpoint import is_weights_file, open_checkpoint
+
+    name = model or cfg.model.checkpoint or cfg.model.name
+    if not name:
+        raise ConfigError("model.name: no model given; pass --model / --checkpoint or set "
+                          "model.checkpoint or model.name in the config (e.g. demo-nodules)")
+    dev = cfg.model.device if device in (None, "", "auto") else device
+    base = None
+    if is_weights_file(name) and cfg.model.name:
+        base = resolve_model(cfg.model.name)[0]
+    card, net = open_checkpoint(name, architecture=cfg.model.architecture,
+                                architecture_kwargs=cfg.model.architecture_kwargs, card=base,
+                                device=dev)
+    if str(card.task.value) != "detection":
+        raise ModelError(f"model {card.name!r}: task is {card.task.value!r}; detection "
+                         "outputs need a model card with task: detection")
+    return card, net
 
 
 def predict_detection(
     inputs: list[Path],
     model: str | None,
-    config: Path | None,
+    config: Path | DetectionConfig | None,
     output_dir: Path,
     device: str,
-    overrides: dict[str, Any],
+    overrides: dict[str, Any] | None = None,
     progress: Callable[[str, float], None] | None = None,
-) -> None:
+    *,
+    num_workers: int | None = None,
+    on_case: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Detect findings in every input scan and write all outputs (see module doc).
 
     Parameters
     ----------
     inputs : scan files and/or folders (a folder of NIfTI files is a batch; another folder
         is one DICOM series).
-    model : bundled model name or model folder; None = ``model.name`` of the config.
-    config : detection YAML (``docs/detection.md``) or None for defaults.
+    model : bundled model name, model folder or checkpoint file; None = ``model.checkpoint``
+        or ``model.name`` of the config.
+    config : detection YAML (``docs/detection.md``; PIVOT spelling accepted), an already
+        validated :class:`DetectionConfig`, or None for defaults.
     output_dir : folder for the results (created).
     device : ``cpu``, ``cuda``...; overrides ``model.device`` unless empty or ``auto``.
     overrides : CLI flags (see :func:`medinfer.postprocess.detection_config.apply_overrides`);
         ``series_uid`` selects a DICOM series; ``save_probabilities``, ``overlay`` and
         ``verbose`` are ignored (outputs follow ``output.formats``).
+    num_workers : threads that read and write scans while the network runs (default
+        ``inference.num_workers``, else 1); the network runs one scan at a time.
+    on_case : called with each case's row (``scan_id``, ``num_detections``, ``outputs``,
+        ``detections``...) when its files are written.
+
+    Returns
+    -------
+    dict
+        The batch summary (``num_scans``, ``total_detections``, ``avg_time`` (s),
+        ``risk_categories``, ``scans`` ...), also written to ``batch_summary.json``.
 
     Raises
     ------
@@ -475,59 +634,77 @@ def predict_detection(
     InvalidImageError
         An input cannot be read.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from medinfer.io import load
-    from medinfer.models import load_model, resolve_model
 
     ov = dict(overrides or {})
     series_uid = ov.pop("series_uid", None)
     for key in _PREDICT_ONLY_FLAGS:  # flags of the segmentation path with no meaning here
         ov.pop(key, None)
-    cfg = load_detection_config(config, ov)
-    name = model or cfg.model.name
-    if not name:
-        raise ConfigError("model.name: no model given; pass --model or set model.name in the "
-                          "config (e.g. demo-nodules)")
-    card, model_dir = resolve_model(name)
-    if str(card.task.value) != "detection":
-        raise ModelError(f"model {card.name!r}: task is {card.task.value!r}; detection "
-                         "outputs need a model card with task: detection")
-    dev = cfg.model.device if device in (None, "", "auto") else device
-    net = load_model(card, model_dir, dev)
+    if isinstance(config, DetectionConfig):
+        from medinfer.postprocess.detection_config import apply_overrides
+
+        cfg = DetectionConfig.from_dict(
+            apply_overrides(config.model_dump(mode="json", exclude_none=True), ov))
+    else:
+        cfg = load_detection_config(config, ov)
+    card, net = open_detection_model(model, cfg, device)
     calibration = load_calibration(cfg)
     categories = calibration.category_names
     files = collect_inputs(inputs)
     output_dir = Path(output_dir)
-    rows: list[dict[str, Any]] = []
-    confidences: list[float] = []
+    cases: list[str] = []
     seen: dict[str, int] = {}
-    for n, f in enumerate(files):
-        t0 = time.perf_counter()
+    for f in files:
         case = case_name(f)
         if case in seen:  # same name from two folders: keep both
             seen[case] += 1
             case = f"{case}_{seen[case]}"
         else:
             seen[case] = 0
+        cases.append(case)
+    workers = max(1, int(num_workers or cfg.inference.num_workers or 1))
 
-        def prog(stage: str, frac: float, n: int = n) -> None:
-            if progress is not None:
-                progress(stage, (n + frac) / len(files))
+    def read(f: Path) -> tuple[float, Volume]:
+        t0 = time.perf_counter()
+        return t0, (load(f, series_uid=series_uid) if series_uid else load(f))
 
-        image = load(f, series_uid=series_uid) if series_uid else load(f)
-        heat = run_heatmap(image, card, net, cfg, prog)
-        found = findings_from_heatmap(heat, image, cfg, calibration)
-        dets = [x.to_dict() for x in found]
-        elapsed = time.perf_counter() - t0
-        write_case_outputs(output_dir, case, image, heat, dets, cfg, card=card,
-                           categories=categories, processing_time=elapsed)
+    def write(case: str, f: Path, t0: float, image: Volume, heat: Volume,
+              dets: list[dict[str, Any]]) -> dict[str, Any]:
+        paths, _ = write_case_outputs(output_dir, case, image, heat, dets, cfg, card=card,
+                                      categories=categories, started=t0)
         counts = {c: 0 for c in categories}
         for d in dets:
-            if d["triage"]["risk_category"] is not None:
-                counts[d["triage"]["risk_category"]] = \
-                    counts.get(d["triage"]["risk_category"], 0) + 1
-        confidences += [d["confidence"] for d in dets]
-        rows.append({"scan_id": case, "source": str(f), "num_detections": len(dets),
-                     "risk_categories": counts,
-                     "processing_time_seconds": round(time.perf_counter() - t0, 3)})
+            cat = d["triage"]["risk_category"]
+            if cat is not None:
+                counts[cat] = counts.get(cat, 0) + 1
+        row = {"scan_id": case, "source": str(f), "num_detections": len(dets),
+               "risk_categories": counts,
+               "processing_time_seconds": round(time.perf_counter() - t0, 3)}
         LOG.info("%s: %d finding(s) in %.1f s", case, len(dets), time.perf_counter() - t0)
-    _batch_summary(output_dir, rows, categories, confidences, cfg)
+        if on_case is not None:
+            on_case({**row, "outputs": {k: str(v) for k, v in paths.items()},
+                     "detections": dets})
+        return row
+
+    rows: list[dict[str, Any]] = []
+    confidences: list[float] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        reads = [pool.submit(read, f) for f in files[:workers]]
+        writes = []
+        for n, (f, case) in enumerate(zip(files, cases, strict=True)):
+            t0, image = reads[n].result()
+            if n + workers < len(files):  # keep `workers` scans being read ahead
+                reads.append(pool.submit(read, files[n + workers]))
+
+            def prog(stage: str, frac: float, n: int = n) -> None:
+                if progress is not None:
+                    progress(stage, (n + frac) / len(files))
+
+            heat = run_heatmap(image, card, net, cfg, prog)
+            dets = [x.to_dict() for x in findings_from_heatmap(heat, image, cfg, calibration)]
+            confidences += [d["confidence"] for d in dets]
+            writes.append(pool.submit(write, case, f, t0, image, heat, dets))
+        rows = [w.result() for w in writes]
+    return _batch_summary(output_dir, rows, categories, confidences, cfg)

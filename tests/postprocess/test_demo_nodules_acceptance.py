@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medinfer.models import load_model, resolve_model
 from medinfer.detection import run_detection_on_volume
+from medinfer.models import load_model, resolve_model
 from medinfer.training.nodules_synth import LesionAtlas, make_heldout_scan
 
 CT = Path(__file__).resolve().parents[1] / "data" / "ct" / "ct_head_brain_atlas_1mm.nii.gz"

@@ -72,16 +72,17 @@ def test_config_defaults_file_and_overrides(tmp_path: Path) -> None:
         apply_overrides({}, {"nonsense": 1})
     with pytest.raises(ConfigError, match="unknown section"):
         apply_overrides({}, {"foo.bar": 1})
-    # both stride and overlap: an error naming both
-    with pytest.raises(ConfigError, match="stride or overlap"):
-        load_detection_config(p, {"overlap": 0.5})
+    # both stride and overlap: accepted when they mean the same windows, else an error
+    assert load_detection_config(p, {"overlap": 0.5, "patch_size": [32, 32, 32]})
+    with pytest.raises(ConfigError, match="inconsistent"):
+        load_detection_config(p, {"overlap": 0.25, "patch_size": [32, 32, 32]})
     with pytest.raises(ConfigError, match="not found"):
         load_detection_config(tmp_path / "missing.yaml")
 
 
 def test_stride_larger_than_patch_is_refused() -> None:
-    from medinfer.models.card import ModelCard
     from medinfer.detection import inference_settings
+    from medinfer.models.card import ModelCard
 
     card = ModelCard.from_dict({"name": "x", "task": "detection", "labels": {0: {"name": "bg"},
                                 1: {"name": "lesion"}}, "output": {"activation": "sigmoid"},

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from medinfer.detection import augmentations, run_detection_on_volume, run_heatmap
 from medinfer.models.card import ModelCard
 from medinfer.postprocess.detection_config import DetectionConfig
-from medinfer.detection import augmentations, run_detection_on_volume, run_heatmap
 from medinfer.volume import Volume
 
 
@@ -59,8 +59,13 @@ def test_blending_and_tta_are_exact_for_a_pointwise_model(blending: str, tta: di
 def test_augmentation_list_and_limit() -> None:
     cfg = DetectionConfig.from_dict({"inference": {"tta": {
         "enabled": True, "flips": [[0], [2]], "rotations": [1, 3], "num_augmentations": 4}}})
-    assert augmentations(cfg) == [((), 0), ((0,), 0), ((2,), 0), ((), 1)]
-    assert augmentations(DetectionConfig()) == [((), 0)]
+    assert augmentations(cfg) == [((), 0, (0, 1)), ((0,), 0, (0, 1)), ((2,), 0, (0, 1)),
+                                  ((), 1, (0, 1))]
+    assert augmentations(DetectionConfig()) == [((), 0, (0, 1))]
+    named = DetectionConfig.from_dict({"inference": {"tta": {
+        "enabled": True, "augmentations": ["flip_z", "rotate_90_xz", "rotate_90_yz"]}}})
+    assert augmentations(named) == [((), 0, (0, 1)), ((2,), 0, (0, 1)), ((), 1, (0, 2)),
+                                    ((), 1, (1, 2))]
 
 
 def test_heatmap_returns_to_the_source_grid_after_resampling() -> None:
@@ -88,7 +93,7 @@ def test_run_detection_on_volume_fills_prediction() -> None:
                                                         "volume_method": "binary"}})
     assert len(pred.detections) == 1
     d = pred.detections[0]
-    assert d["id"] == "F01" and d["coordinates_voxel"] == pytest.approx([5.0, 4.0, 3.0])
+    assert d["id"] == 0 and d["name"] == "F01" and d["coordinates_voxel"] == [5, 4, 3]
     assert d["properties"]["volume_mm3"] == pytest.approx(27 * 0.8 * 2.5 * 1.2, rel=1e-5)
     assert d["triage"]["risk_category"] == "high"
     assert pred.heatmap is not None and pred.heatmap.same_grid(vol)

@@ -117,10 +117,11 @@ def test_csv_equals_json(batch: dict[str, Any], case: str) -> None:
         rows = list(reader)
     assert len(rows) == len(doc["detections"])
     for row, d in zip(rows, doc["detections"], strict=True):
-        assert row["id"] == d["id"]
-        assert [float(row[k]) for k in ("x_ras", "y_ras", "z_ras")] == d["coordinates"]
+        assert row["scan_id"] == case and int(row["detection_id"]) == d["id"]
+        assert row["name"] == d["name"]
+        assert [float(row[k]) for k in ("coord_x", "coord_y", "coord_z")] == d["coordinates"]
         assert [float(row[k]) for k in ("x_lps", "y_lps", "z_lps")] == d["coordinates_lps"]
-        assert [float(row[k]) for k in ("i", "j", "k")] == d["coordinates_voxel"]
+        assert [int(row[k]) for k in ("i", "j", "k")] == d["coordinates_voxel"]
         assert float(row["diameter_mm"]) == d["diameter_mm"]
         assert float(row["confidence"]) == d["confidence"]
         for k in ("volume_mm3", "mean_intensity", "std_intensity", "sphericity"):
@@ -173,7 +174,7 @@ def test_pdf_text_contains_each_finding_id(batch: dict[str, Any]) -> None:
         assert f"Detection report: {case}" in text
         assert "demo-nodules" in text and "Model provenance" in text
         for d in doc["detections"]:
-            assert d["id"] in text
+            assert d["name"] in text
         if not doc["detections"]:
             assert "No findings" in text
 
@@ -194,9 +195,10 @@ def test_png_shows_the_finding_slices(batch: dict[str, Any]) -> None:
         assert desc == "; ".join(f"{fid or '-'}:axis={a}:slice={i}" for a, i, fid in panels)
         assert arr.std() > 10  # not a blank image
         if case == "with":
-            assert [fid for _, _, fid in panels] == [d["id"] for d in doc["detections"][:6]]
+            assert [fid for _, _, fid in panels] == [d["name"] for d in doc["detections"][:6]]
             for (axis, idx, fid), d in zip(panels, doc["detections"], strict=False):
-                assert fid == d["id"] and idx == round(d["coordinates_voxel"][axis])
+                assert fid == d["name"]
+                assert idx == round(d["coordinates_voxel_continuous"][axis])
             # the heat-map overlay (hot colormap: red-dominant pixels) is visible
             red = (arr[..., 0] > 150) & (arr[..., 2] < 80)
             assert red.sum() > 50

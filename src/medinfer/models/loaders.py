@@ -8,7 +8,8 @@ device. Supported weight formats:
 - ``torchscript``: :func:`torch.jit.load`;
 - ``onnx``: onnxruntime with the CPU execution provider (the ``onnx`` extra);
 - ``state_dict``: :func:`torch.load` with ``weights_only=True`` into a MONAI network
-  (``UNet``, ``SegResNet``, ``DynUNet``) built from the card's ``architecture``.
+  (``UNet``, ``SegResNet``, ``DynUNet``, ``BasicUNet``, ``UNETR``, ``SwinUNETR``) built
+  from the card's ``architecture``.
 
 Model files are untrusted input: sizes are checked, checkpoints are never unpickled
 beyond tensors and plain containers, the weights path must stay inside the model folder.
@@ -212,7 +213,8 @@ def build_network(network: Network | str, kwargs: dict[str, Any]) -> torch.nn.Mo
 
     net = parse_enum(Network, network, "architecture.network")
     cls = {Network.UNET: nets.UNet, Network.SEGRESNET: nets.SegResNet,
-           Network.DYNUNET: nets.DynUNet}[net]
+           Network.DYNUNET: nets.DynUNet, Network.BASICUNET: nets.BasicUNet,
+           Network.UNETR: nets.UNETR, Network.SWINUNETR: nets.SwinUNETR}[net]
     try:
         module: torch.nn.Module = cls(**kwargs)
     except (TypeError, ValueError, AssertionError, IndexError, KeyError) as exc:

@@ -91,10 +91,12 @@ class Finding:
             return None if v is None else round(float(v), nd)
 
         return {
-            "id": self.id,
+            "id": int(self.id[1:]) - 1 if self.id[1:].isdigit() else 0,
+            "name": self.id,
             "coordinates": [round(float(v), 3) for v in self.center_ras],
             "coordinates_lps": [round(float(v), 3) for v in self.center_lps],
-            "coordinates_voxel": [round(float(v), 3) for v in self.center_voxel],
+            "coordinates_voxel": [int(np.floor(float(v) + 0.5)) for v in self.center_voxel],
+            "coordinates_voxel_continuous": [round(float(v), 3) for v in self.center_voxel],
             "diameter_mm": round(float(self.diameter_mm), 3),
             "confidence": round(float(self.confidence), 5),
             "properties": {
@@ -449,7 +451,8 @@ def detect_findings(
                            refine=p.refine, boxes=boxes)
         for pk, val in peaks
     ]
-    found = nms(found, p.nms_iou, p.nms_shape)
+    if p.nms_enabled:
+        found = nms(found, p.nms_iou, p.nms_shape)
     found = [
         f for f in found
         if f.diameter_mm >= p.min_diameter_mm

@@ -8,6 +8,13 @@ Six sections: ``model``, ``input``, ``inference``, ``post_processing``, ``output
 
 Keys left ``null`` in ``input`` and ``inference`` fall back to the model card.
 Command-line flags override the file through :func:`apply_overrides`.
+
+The keys of the PIVOT inference configuration (``docs/compat/pivot.md``: nested
+``blending: {method, sigma}``, ``peak_detection``, ``nms``, ``size_filter``,
+``confidence_filter``, ``output.save_*`` and ``formats: {detections, heatmap}``,
+``input.spacing / clip_range / normalize / normalization_method``, ...) are accepted as
+written: :func:`translate_described_keys` turns them into the native keys before
+validation, so one validated model serves both spellings.
 """
 
 from __future__ import annotations
@@ -68,14 +75,28 @@ ModeChoice = InferenceMode
 
 
 class OutputFormat(StrEnum):
-    """Per-scan output files."""
+    """Per-scan output files (``heatmap``: NIfTI; ``heatmap_npy``: ``.npy`` array
+    ``(I, J, K)`` float32 on the scan's voxel grid, file axis order)."""
 
     JSON = "json"
     CSV = "csv"
     HEATMAP = "heatmap"
+    HEATMAP_NPY = "heatmap_npy"
     PNG = "png"
     HTML = "html"
     PDF = "pdf"
+
+
+class TtaAugmentation(StrEnum):
+    """Named TTA augmentations (PIVOT spelling). Axes x, y, z are the model-grid axes
+    0, 1, 2 (for a card with ``orientation: RAS``: right, anterior, superior)."""
+
+    FLIP_X = "flip_x"
+    FLIP_Y = "flip_y"
+    FLIP_Z = "flip_z"
+    ROTATE_90_XY = "rotate_90_xy"
+    ROTATE_90_XZ = "rotate_90_xz"
+    ROTATE_90_YZ = "rotate_90_yz"
 
 
 class _Strict(BaseModel):
@@ -87,6 +108,14 @@ class ModelSection(_Strict):
 
     name: str | None = Field(default=None, description="bundled model name or model folder")
     device: str = "auto"
+    checkpoint: str | None = Field(
+        default=None, description="TorchScript file, state-dict .pt/.pth (with architecture), "
+        "model folder or bundled name; wins over name")
+    architecture: str | None = Field(
+        default=None, description="MONAI network of a state-dict checkpoint: unet, basicunet, "
+        "segresnet, dynunet, unetr, swinunetr")
+    architecture_kwargs: dict[str, Any] | None = None
+    mixed_precision: bool = False
 
 
 class InputSection(_Strict):
@@ -119,6 +148,8 @@ class TtaSection(_Strict):
     rotations: list[int] = Field(default_factory=list)
     rotation_axes: tuple[int, int] = (0, 1)
     num_augmentations: int | None = Field(default=None, ge=1, le=64)
+    augmentations: list[TtaAugmentation] | None = Field(
+        default=None, description="named augmentations; replaces flips / rotations when given")
 
     @field_validator("flips")
     @classmethod
@@ -154,6 +185,11 @@ class InferenceSection(_Strict):
     blending: BlendingChoice | None = None
     sigma_scale: float | None = Field(default=None, gt=0.0, le=10.0)
     tta: TtaSection = Field(default_factory=TtaSection)
+    # performance keys (PIVOT): applied where the device in use has them (see docs)
+    cudnn_benchmark: bool | None = None
+    num_workers: int | None = Field(default=None, ge=0, le=256)
+    prefetch_factor: int | None = Field(default=None, ge=1, le=64)
+    clear_cache: bool | None = None
 
     @field_validator("overlap")
     @classmethod
@@ -178,9 +214,26 @@ class InferenceSection(_Strict):
 
     @model_validator(mode="after")
     def _stride_vs_overlap(self) -> InferenceSection:
-        if self.stride is not None and self.overlap is not None:
-            raise ValueError("give either stride or overlap, not both")
+        if self.stride is not None and self.overlap is not None and self.patch_size is not None:
+            check_stride_overlap(self.stride, self.overlap, self.patch_size)
         return self
+
+
+def check_stride_overlap(stride: tuple[int, ...], overlap: float,
+                         patch: tuple[int, ...]) -> None:
+    """Both ``stride`` and ``overlap`` given: they must mean the same windows, i.e.
+    ``stride == round(patch * (1 - overlap))`` along every axis.
+
+    Raises
+    ------
+    ValueError
+        The two disagree (message names both and the stride the overlap implies).
+    """
+    implied = [max(1, round(p * (1.0 - overlap))) for p in patch]
+    if list(stride) != implied:
+        raise ValueError(f"stride {list(stride)} and overlap {overlap} are inconsistent for "
+                         f"patch_size {list(patch)} (overlap {overlap} means stride {implied}); "
+                         "give stride or overlap, or consistent values")
 
 
 class PostProcessingSection(_Strict):
@@ -189,6 +242,7 @@ class PostProcessingSection(_Strict):
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     min_distance_mm: float = Field(default=5.0, ge=0.0)
     peak_method: PeakMethod = PeakMethod.LOCAL_MAXIMA
+    nms_enabled: bool = True
     nms_iou: float = Field(default=0.1, ge=0.0, le=1.0)
     nms_shape: NmsShape = NmsShape.SPHERE
     segmentation_threshold: float = Field(default=0.5, gt=0.0, le=1.0)
@@ -261,6 +315,7 @@ class DetectionConfig(_Strict):
             raise ConfigError(
                 f"{source}: expected a mapping at the top level, got {type(data).__name__}"
             )
+        data = translate_described_keys(data, source)
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -313,7 +368,7 @@ def load_detection_config(
             raise ConfigError(f"{p}: not valid YAML ({exc.__class__.__name__})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")
-        data = loaded or {}
+        data = translate_described_keys(loaded or {}, source)
     data = apply_overrides(data, overrides or {})
     return DetectionConfig.from_dict(data, source=source)
 
@@ -366,3 +421,161 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             node = nxt
         node[path[-1]] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+# ------------------------------------------------------------ described (PIVOT) spelling
+#: nested described sections: section -> described key -> {described sub-key: native key}
+_NESTED: dict[str, dict[str, dict[str, str]]] = {
+    "post_processing": {
+        "peak_detection": {"threshold": "threshold", "min_distance": "min_distance_mm",
+                           "method": "peak_method"},
+        "nms": {"enabled": "nms_enabled", "iou_threshold": "nms_iou"},
+        "size_filter": {"min_diameter": "min_diameter_mm", "max_diameter": "max_diameter_mm"},
+        "confidence_filter": {"min_confidence": "min_confidence"},
+    },
+}
+#: flat renames: section -> {described key: native key}
+_RENAMES: dict[str, dict[str, str]] = {
+    "input": {"spacing": "target_spacing", "clip_range": "hu_clip"},
+    "visualization": {"overlay_alpha": "alpha"},
+}
+_OUTPUT_SWITCHES = ("save_heatmap", "save_detections", "save_visualization", "save_report")
+
+
+def _put(section: dict[str, Any], key: str, value: Any, where: str) -> None:
+    if key in section and section[key] != value:
+        raise ConfigError(f"{where}: {value!r} conflicts with {key}: {section[key]!r} in the "
+                          "same section; give one of them")
+    section[key] = value
+
+
+def translate_described_keys(data: Any, source: str = "config") -> Any:
+    """Return a copy of ``data`` with the PIVOT spelling turned into native keys.
+
+    The mapping (also in ``docs/compat/pivot.md``): ``input.spacing`` -> ``target_spacing``;
+    ``input.clip_range`` -> ``hu_clip``; ``input.normalize`` / ``normalization_method``
+    (``minmax``: ``(x - lo) / (hi - lo)`` over ``clip_range``, i.e. ``ct_window``;
+    ``zscore``) -> ``normalization``; ``inference.blending: {method, sigma}`` ->
+    ``blending`` + ``sigma_scale``; ``inference.device`` / ``mixed_precision`` ->
+    ``model.*``; ``post_processing.peak_detection / nms / size_filter /
+    confidence_filter`` -> flat keys; ``output.save_*`` + ``formats: {detections:
+    json|csv|both, heatmap: nifti|numpy}`` and ``visualization.save_3d`` -> the
+    ``output.formats`` list; ``visualization.overlay_alpha`` -> ``alpha``.
+    Keys that are neither native nor described are left for validation (unknown key).
+
+    Raises
+    ------
+    ConfigError
+        A described key with an unknown sub-key or value (dotted key named), or a
+        described key that contradicts the native key it maps to.
+    """
+    import copy
+
+    if not isinstance(data, dict):
+        return data
+    out = copy.deepcopy(data)
+    sections = {k: v for k, v in out.items() if isinstance(v, dict)}
+    for sec, renames in _RENAMES.items():
+        node = sections.get(sec)
+        for old, new in renames.items():
+            if node is not None and old in node:
+                _put(node, new, node.pop(old), f"{source}: {sec}.{old}")
+    for sec, nested in _NESTED.items():
+        node = sections.get(sec)
+        if node is None:
+            continue
+        for key, subkeys in nested.items():
+            if key not in node or not isinstance(node[key], dict):
+                continue
+            for sub, value in node.pop(key).items():
+                if sub not in subkeys:
+                    raise ConfigError(f"{source}: {sec}.{key}.{sub}: unknown key; allowed: "
+                                      f"{', '.join(subkeys)}")
+                _put(node, subkeys[sub], value, f"{source}: {sec}.{key}.{sub}")
+    _translate_input(sections.get("input"), source)
+    inf = sections.get("inference")
+    if inf is not None:
+        blend = inf.get("blending")
+        if isinstance(blend, dict):
+            inf.pop("blending")
+            for sub, value in blend.items():
+                if sub not in ("method", "sigma"):
+                    raise ConfigError(f"{source}: inference.blending.{sub}: unknown key; "
+                                      "allowed: method, sigma")
+                _put(inf, "blending" if sub == "method" else "sigma_scale", value,
+                     f"{source}: inference.blending.{sub}")
+        for key in ("device", "mixed_precision"):
+            if key in inf:
+                model = out.setdefault("model", {})
+                if isinstance(model, dict):
+                    _put(model, key, inf.pop(key), f"{source}: inference.{key}")
+    _translate_output(out, source)
+    return out
+
+
+def _translate_input(node: dict[str, Any] | None, source: str) -> None:
+    if node is None or not ({"normalize", "normalization_method"} & node.keys()):
+        return
+    normalize = node.pop("normalize", True)
+    method = node.pop("normalization_method", "minmax")
+    if not isinstance(normalize, bool):
+        raise ConfigError(f"{source}: input.normalize: expected true or false, got {normalize!r}")
+    if not normalize:
+        spec: dict[str, Any] = {"method": "none"}
+    elif method == "minmax":
+        clip = node.get("hu_clip")
+        spec = ({"method": "ct_window", "min_hu": clip[0], "max_hu": clip[1]}
+                if isinstance(clip, list | tuple) and len(clip) == 2
+                else {"method": "percentile", "lower": 0.0, "upper": 100.0})
+    elif method == "zscore":
+        spec = {"method": "zscore"}
+    else:
+        raise ConfigError(f"{source}: input.normalization_method: {method!r} is not one of "
+                          "minmax, zscore")
+    _put(node, "normalization", spec, f"{source}: input.normalize")
+
+
+def _translate_output(out: dict[str, Any], source: str) -> None:
+    node = out.get("output")
+    vis = out.get("visualization")
+    save_3d = vis.pop("save_3d", None) if isinstance(vis, dict) else None
+    described = isinstance(node, dict) and (
+        isinstance(node.get("formats"), dict) or any(k in node for k in _OUTPUT_SWITCHES))
+    if not described and save_3d is None:
+        return
+    if not isinstance(node, dict):
+        node = out["output"] = {}
+    formats = node.get("formats")
+    if isinstance(formats, list):  # native list + visualization.save_3d
+        if save_3d is not None:
+            node["formats"] = [f for f in formats if f != "html"] + (["html"] if save_3d else [])
+        return
+    fm = dict(formats or {})
+    for sub in fm:
+        if sub not in ("detections", "heatmap"):
+            raise ConfigError(f"{source}: output.formats.{sub}: unknown key; allowed: "
+                              "detections, heatmap")
+    det = fm.get("detections", "json")
+    heat = fm.get("heatmap", "nifti")
+    if det not in ("json", "csv", "both"):
+        raise ConfigError(f"{source}: output.formats.detections: {det!r} is not one of "
+                          "json, csv, both")
+    if heat not in ("nifti", "numpy"):
+        raise ConfigError(f"{source}: output.formats.heatmap: {heat!r} is not one of "
+                          "nifti, numpy")
+    switches = {k: node.pop(k, k != "save_report") for k in _OUTPUT_SWITCHES}
+    for k, v in switches.items():
+        if not isinstance(v, bool):
+            raise ConfigError(f"{source}: output.{k}: expected true or false, got {v!r}")
+    new: list[str] = []
+    if switches["save_detections"]:
+        new += ["json", "csv"] if det == "both" else [det]
+    if switches["save_heatmap"]:
+        new.append("heatmap" if heat == "nifti" else "heatmap_npy")
+    if switches["save_visualization"]:
+        new.append("png")
+    if switches["save_report"]:
+        new.append("pdf")
+    if save_3d:
+        new.append("html")
+    node["formats"] = new

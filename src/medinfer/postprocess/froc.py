@@ -203,9 +203,9 @@ def plot_froc(result: FrocResult, path: str | os.PathLike[str], title: str = "FR
 # ------------------------------------------------------------------------------ I/O
 _REF_ALIASES = {
     "scan_id": ("scan_id", "seriesuid", "case"),
-    "x": ("x", "coordX"),
-    "y": ("y", "coordY"),
-    "z": ("z", "coordZ"),
+    "x": ("x", "coordX", "coord_x"),
+    "y": ("y", "coordY", "coord_y"),
+    "z": ("z", "coordZ", "coord_z"),
     "diameter_mm": ("diameter_mm", "diameter"),
     "score": ("confidence", "score", "probability"),
 }

@@ -52,7 +52,7 @@ def visualization_slices(volume: Volume, detections: Sequence[dict[str, Any]],
         out: list[tuple[int, int, str | None]] = []
         for d in list(detections)[:num_slices]:
             idx = int(np.clip(round(float(d["coordinates_voxel"][axis])), 0, n - 1))
-            out.append((axis, idx, str(d["id"])))
+            out.append((axis, idx, str(d.get("name", d["id"]))))
         return out
     idxs = np.linspace(0.1 * (n - 1), 0.9 * (n - 1), num_slices)
     return [(axis, int(round(float(i))), None) for i in idxs]
@@ -92,7 +92,7 @@ def write_visualization_png(
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 4.2 * nrow + 0.4), dpi=dpi,
                              squeeze=False)
     cmap = plt.get_cmap(colormap)
-    by_id = {str(d["id"]): d for d in detections}
+    by_id = {str(d.get("name", d["id"])): d for d in detections}
     for n, (ax_, idx, fid) in enumerate(panels):
         ax = axes[n // ncol][n % ncol]
         s_img = _slice(img, ax_, idx).T  # rows = second in-plane axis
@@ -106,7 +106,8 @@ def write_visualization_png(
         label = f"slice {idx} (axis {ax_})"
         if fid is not None:
             d = by_id[fid]
-            ci, cj = (float(d["coordinates_voxel"][a]) for a in in_plane)
+            cv = d.get("coordinates_voxel_continuous", d["coordinates_voxel"])
+            ci, cj = (float(cv[a]) for a in in_plane)
             r_i = d["diameter_mm"] / 2.0 / sp[in_plane[0]]
             r_j = d["diameter_mm"] / 2.0 / sp[in_plane[1]]
             from matplotlib.patches import Ellipse
@@ -139,7 +140,8 @@ def finding_crops_png(path: str | os.PathLike[str], image: Volume,
     axis = slicing_axis(image.affine)
     in_plane = [a for a in range(3) if a != axis]
     sp = image.spacing
-    c = [float(v) for v in detection["coordinates_voxel"]]
+    c = [float(v) for v in detection.get("coordinates_voxel_continuous",
+                                         detection["coordinates_voxel"])]
     idx = int(np.clip(round(c[axis]), 0, image.spatial_shape[axis] - 1))
     s = _slice(np.asarray(image.array[0], dtype=np.float32), axis, idx).T
     lo = [max(0, int(c[a] - half_size_mm / sp[a])) for a in in_plane]
@@ -154,7 +156,7 @@ def finding_crops_png(path: str | os.PathLike[str], image: Volume,
     r_j = detection["diameter_mm"] / 2.0 / sp[in_plane[1]]
     ax.add_patch(Ellipse((c[in_plane[0]] - lo[0], c[in_plane[1]] - lo[1]), 2 * r_i + 3,
                          2 * r_j + 3, fill=False, edgecolor="cyan", linewidth=1.0))
-    ax.set_title(str(detection["id"]), fontsize=9)
+    ax.set_title(str(detection.get("name", detection["id"])), fontsize=9)
     ax.axis("off")
     fig.tight_layout()
     with atomic_path(path) as tmp:

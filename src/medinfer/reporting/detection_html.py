@@ -107,7 +107,7 @@ def write_detection_html(
                  f"<br>confidence {d['confidence']:.3f}"
                  f"<br>risk {t['risk_category']} ({t['malignancy_score']})")
         traces.append(go.Mesh3d(x=x, y=y, z=z, i=i, j=j, k=k, color="cyan", opacity=0.6,
-                                name=str(d["id"]), hovertext=hover, hoverinfo="text",
+                                name=str(d.get("name", d["id"])), hovertext=hover, hoverinfo="text",
                                 showlegend=True))
     fig = go.Figure(data=traces)
     fig.update_layout(

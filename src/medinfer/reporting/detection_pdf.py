@@ -87,7 +87,8 @@ def write_detection_pdf(
         for d in dets:
             c = d["coordinates"]
             rows.append([
-                d["id"], f"{c[0]:.1f}, {c[1]:.1f}, {c[2]:.1f}", _fmt(d["diameter_mm"]),
+                d.get("name", d["id"]), f"{c[0]:.1f}, {c[1]:.1f}, {c[2]:.1f}",
+                _fmt(d["diameter_mm"]),
                 _fmt(d["properties"]["volume_mm3"], 0), _fmt(d["properties"]["mean_intensity"]),
                 _fmt(d["confidence"], 3), _fmt(d["triage"]["malignancy_score"], 3),
                 _fmt(d["triage"]["risk_category"]),

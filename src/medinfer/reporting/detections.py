@@ -24,10 +24,13 @@ from medinfer.volume import Volume
 
 SCHEMA_PATH = Path(__file__).with_name("detections.schema.json")
 
+#: the CSV header: the PIVOT columns first (``coord_x/y/z`` = RAS+ mm, as the JSON's
+#: ``coordinates``), then medinfer's extra columns
 CSV_COLUMNS = (
-    "id", "x_ras", "y_ras", "z_ras", "x_lps", "y_lps", "z_lps", "i", "j", "k",
-    "diameter_mm", "confidence", "volume_mm3", "mean_intensity", "std_intensity",
-    "sphericity", "malignancy_score", "risk_category",
+    "scan_id", "detection_id", "coord_x", "coord_y", "coord_z", "diameter_mm", "confidence",
+    "malignancy_score", "risk_category",
+    "name", "x_lps", "y_lps", "z_lps", "i", "j", "k", "volume_mm3", "mean_intensity",
+    "std_intensity", "sphericity",
 )
 
 
@@ -99,6 +102,8 @@ def detection_document(
         "detections": list(detections),
         "summary": {
             "num_detections": len(detections),
+            "high_risk_count": counts.get("high", 0),
+            "low_risk_count": counts.get("low", 0),
             "risk_categories": counts,
             "processing_time_seconds": round(float(processing_time_seconds), 3),
         },
@@ -107,15 +112,16 @@ def detection_document(
     return doc
 
 
-def detections_to_rows(detections: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def detections_to_rows(detections: Sequence[dict[str, Any]],
+                       scan_id: str = "") -> list[dict[str, Any]]:
     """Flatten finding dicts into CSV rows (keys :data:`CSV_COLUMNS`)."""
     rows = []
     for d in detections:
         p, t = d["properties"], d["triage"]
         rows.append({
-            "id": d["id"],
-            "x_ras": d["coordinates"][0], "y_ras": d["coordinates"][1],
-            "z_ras": d["coordinates"][2],
+            "scan_id": scan_id, "detection_id": d["id"],
+            "coord_x": d["coordinates"][0], "coord_y": d["coordinates"][1],
+            "coord_z": d["coordinates"][2], "name": d.get("name", ""),
             "x_lps": d["coordinates_lps"][0], "y_lps": d["coordinates_lps"][1],
             "z_lps": d["coordinates_lps"][2],
             "i": d["coordinates_voxel"][0], "j": d["coordinates_voxel"][1],
@@ -134,11 +140,16 @@ def write_detections_json(doc: dict[str, Any], path: str | os.PathLike[str]) -> 
 
 
 def write_detections_csv(detections: Sequence[dict[str, Any]],
-                         path: str | os.PathLike[str]) -> Path:
-    """Write one row per finding (header always present), atomically. ``None`` -> empty."""
+                         path: str | os.PathLike[str], scan_id: str = "") -> Path:
+    """Write one row per finding (header always present), atomically. ``None`` -> empty.
+
+    The header is :data:`CSV_COLUMNS` (the PIVOT columns
+    ``scan_id,detection_id,coord_x,coord_y,coord_z,diameter_mm,confidence,malignancy_score,
+    risk_category`` first, coordinates RAS+ mm).
+    """
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
     w.writeheader()
-    for row in detections_to_rows(detections):
+    for row in detections_to_rows(detections, scan_id):
         w.writerow({k: ("" if v is None else v) for k, v in row.items()})
     return write_text_atomic(path, buf.getvalue())
