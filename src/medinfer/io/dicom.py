@@ -21,7 +21,11 @@ Pipeline of :func:`read_dicom`
    PlanePositionSequence, PlaneOrientationSequence, PixelMeasuresSequence and
    PixelValueTransformationSequence per frame, falling back to the shared groups.
    Legacy multi-frame files with GridFrameOffsetVector (RT Dose, PS3.3 C.8.8.3.2) are
-   supported too.
+   supported too. Siemens MOSAIC images (``MOSAIC`` in ImageType) give one frame per
+   tile, placed as dcm2niix does (:mod:`medinfer.io._mosaic`; mosaics that do not divide
+   into whole tiles are refused); a series of several MOSAIC images (fMRI, diffusion) is
+   read as one volume per image, stacked as channels ``(T, I, J, K)`` like a 4-D NIfTI,
+   ``meta["mosaic_volumes"]`` = T.
 4. **Geometry** (all in LPS, the DICOM patient frame). Every frame must have the same
    Rows, Columns, PixelSpacing and ImageOrientationPatient. The slice normal is the
    cross product of the row and column direction cosines; frames are sorted by their
@@ -113,6 +117,13 @@ from medinfer.io._dtypes import fits, smallest_int_dtype
 from medinfer.io._limits import check_array_size, check_frame_count
 from medinfer.io._lps import affine_lps_to_ras, affine_ras_to_lps
 from medinfer.io._missing_slices import allow_missing_slices_default
+from medinfer.io._mosaic import (
+    MosaicLayout,
+    detile,
+    first_tile_position,
+    is_mosaic,
+    mosaic_layout,
+)
 from medinfer.io.dicom_writer import write_dicom_series
 from medinfer.io.sniff import looks_like_dicom
 from medinfer.volume import Volume
@@ -191,6 +202,7 @@ class SeriesInfo:
 class _Entry:
     path: Path
     ds: Dataset  # header only (stop_before_pixels)
+    mosaic: MosaicLayout | None = None  # set by _frames_of for Siemens MOSAIC images
 
 
 @dataclass
@@ -455,6 +467,8 @@ def read_dicom(
     check_frame_count(sum(_n_frames(e.ds) for e in chosen), str(p))
     for e in chosen:
         check_pixel_bytes(e.ds, e.path, _n_frames(e.ds), _int(e, "Rows"), _int(e, "Columns"))
+    if len(chosen) > 1 and all(is_mosaic(e.ds) for e in chosen):
+        return _read_mosaic_volumes(p, chosen, max_bytes, position_tolerance_mm, spacing_rtol)
     frames = [fr for e in chosen for fr in _frames_of(e)]
     try:
         order, affine_lps, slice_spacing = _stack_geometry(
@@ -469,7 +483,7 @@ def read_dicom(
             f"{bad}: {why})"
         ) from None
     frames = [frames[i] for i in order]
-    rows, cols = _int(frames[0].entry, "Rows"), _int(frames[0].entry, "Columns")
+    rows, cols = _frame_size(frames[0].entry)
     out_dtype = _output_dtype(frames)
     check_array_size((cols, rows, len(frames)), out_dtype.itemsize, str(p), max_bytes)
     array_kji, bad = _read_pixels(
@@ -595,6 +609,8 @@ def _frames_of(e: _Entry) -> list[_Frame]:
             "RescaleSlope/RescaleIntercept"
         )
     n = _n_frames(ds)
+    if n == 1 and is_mosaic(ds):
+        return _mosaic_frames(e)
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
         return _enhanced_frames(e, n)
     if n > 1:
@@ -663,6 +679,91 @@ def _enhanced_frames(e: _Entry, n: int) -> list[_Frame]:
             )
         )
     return frames
+
+
+def _frame_size(e: _Entry) -> tuple[int, int]:
+    """(rows, columns) of one frame: a tile for MOSAIC images, else Rows x Columns."""
+    if e.mosaic is not None:
+        return e.mosaic.tile_rows, e.mosaic.tile_cols
+    return _int(e, "Rows"), _int(e, "Columns")
+
+
+def _mosaic_frames(e: _Entry) -> list[_Frame]:
+    """One frame per tile of a Siemens MOSAIC image (:mod:`medinfer.io._mosaic`)."""
+    ds = e.ds
+    rows, cols = _int(e, "Rows"), _int(e, "Columns")
+    layout = mosaic_layout(ds, str(e.path), rows, cols)
+    e.mosaic = layout
+    ipp = _floats(e, ds, "ImagePositionPatient", 3)
+    iop = _floats(e, ds, "ImageOrientationPatient", 6)
+    ps = _floats(e, ds, "PixelSpacing", 2)
+    if ipp is None or iop is None or ps is None:
+        raise GeometryError(
+            f"{e.path}: MOSAIC image without ImagePositionPatient / ImageOrientationPatient "
+            "/ PixelSpacing; cannot place its slices"
+        )
+    row, col = iop[:3], iop[3:]
+    normal = layout.normal if layout.normal is not None else np.cross(row, col)
+    normal = normal / max(float(np.linalg.norm(normal)), 1e-12)
+    thick = _float_or_none(e, ds, "SliceThickness")
+    between = _float_or_none(e, ds, "SpacingBetweenSlices")
+    spacing = between if between and between > 0 else thick
+    if not spacing or not spacing > 0 or not np.isfinite(spacing):
+        raise GeometryError(
+            f"{e.path}: MOSAIC image without a positive SpacingBetweenSlices or "
+            "SliceThickness; the distance between its slices is unknown"
+        )
+    origin = first_tile_position(ipp, row, col, ps, rows, cols, layout, str(e.path))
+    slope, intercept = _rescale(e, ds, ds)
+    return [
+        _Frame(e, k, origin + k * spacing * normal, iop, ps, thick, between, slope, intercept)
+        for k in range(layout.n_images)
+    ]
+
+
+def _read_mosaic_volumes(
+    p: Path, chosen: Sequence[_Entry], max_bytes: int | None, tol: float, rtol: float
+) -> Volume:
+    """A series of several MOSAIC images (fMRI / diffusion): one volume each -> channels.
+
+    Channels follow (AcquisitionNumber, InstanceNumber, file path), as dcm2niix orders
+    its 4-D output; every volume must lie on the same grid.
+    """
+    entries = sorted(
+        chosen,
+        key=lambda e: (
+            _int_or_none(e.ds, "AcquisitionNumber") or 0,
+            _int_or_none(e.ds, "InstanceNumber") or 0,
+            str(e.path),
+        ),
+    )
+    arrays: list[np.ndarray] = []
+    first: tuple[np.ndarray, float, list[_Frame]] | None = None
+    for e in entries:
+        frames = _frames_of(e)
+        order, affine_lps, spacing = _stack_geometry(frames, tol, rtol)
+        frames = [frames[i] for i in order]
+        if first is None:
+            first = (affine_lps, spacing, frames)
+        elif len(frames) != len(first[2]) or not np.allclose(affine_lps, first[0], atol=tol):
+            raise GeometryError(
+                f"{e.path}: the MOSAIC images of the series lie on different grids (e.g. "
+                f"{entries[0].path}); not one 4-D series"
+            )
+        rows, cols = _frame_size(e)
+        out_dtype = _output_dtype(frames)
+        check_array_size(
+            (cols, rows, len(frames) * len(entries)), out_dtype.itemsize, str(p), max_bytes
+        )
+        arr, _ = _read_pixels(frames, rows, cols, out_dtype, max_bytes, str(p))
+        arrays.append(arr)
+    assert first is not None  # chosen is never empty
+    dtype = np.result_type(*arrays)
+    array = _narrow(np.stack([np.transpose(a, (2, 1, 0)) for a in arrays]).astype(dtype))
+    meta = _meta(p, first[2], entries, first[1])
+    meta["skipped_files"] = []
+    meta["mosaic_volumes"] = len(entries)
+    return Volume(array, affine_lps_to_ras(first[0]), meta)
 
 
 def _legacy_multiframe(e: _Entry, n: int) -> list[_Frame]:
@@ -949,6 +1050,14 @@ def _pixel_array(e: _Entry, rows: int, cols: int) -> np.ndarray:
             "The file may be truncated, or its compression needs an extra decoder "
             "(pylibjpeg, python-gdcm)"
         ) from None
+    if e.mosaic is not None:
+        full = (_int(e, "Rows"), _int(e, "Columns"))
+        if arr.shape != full:
+            raise InvalidImageError(
+                f"{e.path}: MOSAIC pixel data of shape {arr.shape}; the header announces "
+                f"{full[0]} x {full[1]}"
+            )
+        arr, n = detile(arr, e.mosaic), e.mosaic.n_images
     if n == 1 and arr.shape == (rows, cols):
         arr = arr[np.newaxis]
     if arr.shape != (n, rows, cols):
