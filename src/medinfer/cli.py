@@ -39,6 +39,7 @@ _PLUGINS: list[str] = [
     "medinfer.slices.cli",
     "medinfer.serve.cli",
     "medinfer.postprocess.cli",
+    "medinfer.compat.pivot.main",
     "medinfer.formats.nnunet_cli",
     "medinfer.pacs.cli",
 ]
