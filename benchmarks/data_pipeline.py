@@ -18,7 +18,7 @@ Measured, each as the median of ``--repeats`` runs after one warm-up run:
   :class:`ImageDataset` reads per item) and of all channels, float32 out; peers: the same
   arrays stored as float32 ``.npy`` and as compressed uint8 ``.npz``.
 - ``dataset item``: :class:`ImageDataset.__getitem__` from the cache, tokenised.
-- size ratio: cache bytes (uint8 ``.npy`` channels + mask) / the same arrays as float32.
+- size ratio: cache bytes (uint8 ``.pt`` channels + mask) / the same arrays as float32.
 
 Usage: ``.venv/bin/python benchmarks/data_pipeline.py [--repeats N] [--json OUT]``
 """
@@ -113,8 +113,8 @@ def main() -> None:
             {
                 "image": name,
                 "mode": mode,
-                "prepared": "x".join(str(s) for s in next(iter(out.img_arrs.values())).shape),
-                "tokens": int(out.mask.size),
+                "prepared": "x".join(str(s) for s in out.img_arrs[0].shape[1:]),
+                "tokens": int(out.mask.numel()),
                 "foreground_tokens": int((out.mask == 0).sum()),
                 "cold_s": cold,
                 "prepare_s": _median_time(
@@ -152,8 +152,8 @@ def main() -> None:
             np.save(f32, full)
             npz = tmp / f"{study}_uint8.npz"
             np.savez_compressed(npz, data=np.rint(full * 255).astype(np.uint8))
-            folder = cm.processed / study / src.name
-            cache_bytes = sum(p.stat().st_size for p in folder.glob("*.npy"))
+            meta = cm.entry_meta(study, src.name)
+            cache_bytes = sum(int(v) for v in meta["files"].values())
             mask = cm.load_mask(study, src.name)
             f32_bytes = full.size * 4 + mask.size * 4 + 128 * (full.shape[0] + 1)
             index = ds.study_ids.index(study)
