@@ -22,14 +22,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from medinfer.errors import ConfigError, InvalidImageError, ModelError
-from medinfer.serve.client import InferenceClient
 from medinfer.volume import Volume
+
+if TYPE_CHECKING:
+    from medinfer.serve.client import InferenceClient
 
 __all__ = [
     "InferenceClient", "InferencePipeline", "ScanArray", "batch_inference", "calibrate_scores",
@@ -37,6 +39,16 @@ __all__ = [
     "non_maximum_suppression", "optimize_model", "plot_confidence_distribution",
     "render_3d_volume", "sliding_window_inference", "visualize_detections",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``InferenceClient`` is imported on first use (httpx is in the ``serve`` extra, and
+    this module is loaded by the ``medinfer`` command at start-up)."""
+    if name == "InferenceClient":
+        from medinfer.serve.client import InferenceClient
+
+        return InferenceClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 PathLike = str | os.PathLike[str]
 
