@@ -476,6 +476,8 @@ def optimize_model(checkpoint: PathLike, output_path: PathLike,
     ModelError
         The checkpoint cannot be opened, or the exported model's output differs.
     """
+    import warnings
+
     import torch
 
     from medinfer._atomic import atomic_path
@@ -491,7 +493,9 @@ def optimize_model(checkpoint: PathLike, output_path: PathLike,
     shape = tuple(int(s) for s in example_input_shape)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        traced = torch.jit.trace(module, x, check_trace=False)
+        with warnings.catch_warnings():  # shape checks frozen by tracing: verified below
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(module, x, check_trace=False)
         with atomic_path(output_path) as tmp:
             torch.jit.save(traced, str(tmp))
         loaded = torch.jit.load(str(output_path), map_location="cpu").eval()
