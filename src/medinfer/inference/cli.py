@@ -124,11 +124,14 @@ def case_summary(case: CaseInput, name: str, volume: Volume, pred: Prediction,
 def write_case(out_dir: Path, name: str, case: CaseInput, volume: Volume,
                pred: Prediction, card: ModelCard, *, overlay: bool,
                extra: dict[str, Any] | None = None,
-               dicom: DicomOutputOptions | None = None) -> dict[str, Path]:
+               dicom: DicomOutputOptions | None = None,
+               prob_dtype: str = "uint8") -> dict[str, Path]:
     """Write all outputs of one case; all-or-nothing (temporary files renamed at the end).
 
     ``dicom``: DICOM SEG / RTSTRUCT outputs (:mod:`medinfer.io.dicom_export`; default: a
-    SEG for DICOM inputs).
+    SEG for DICOM inputs). ``prob_dtype``: storage of ``<case>_prob.nii.gz``, ``uint8``
+    (``scl_slope`` 1/255, default) or ``float32``
+    (:mod:`medinfer.inference.outputs`).
 
     Returns the written paths by kind (``seg``, ``colour_table``, ``label_description``,
     ``prob``, ``stats``, ``overlay``).
@@ -137,6 +140,7 @@ def write_case(out_dir: Path, name: str, case: CaseInput, volume: Volume,
 
     from medinfer import io
     from medinfer._atomic import atomic_path
+    from medinfer.inference.outputs import compact_probabilities
     from medinfer.io.nifti import derived_from
 
     paths = {"seg": out_dir / f"{name}_seg.nii.gz", "stats": out_dir / f"{name}_stats.json",
@@ -160,7 +164,8 @@ def write_case(out_dir: Path, name: str, case: CaseInput, volume: Volume,
         tmp["colour_table"].write_text(table.to_ctbl(), encoding="utf-8")
         tmp["label_description"].write_text(table.to_itksnap(), encoding="utf-8")
         if pred.probabilities is not None:
-            io.save(derived_from(pred.probabilities, volume), tmp["prob"])
+            io.save(compact_probabilities(derived_from(pred.probabilities, volume),
+                                          prob_dtype), tmp["prob"])
         if save_overlay_png is not None:
             save_overlay_png(volume, pred.label, tmp["overlay"], card.colors(),
                              names={v: s.name for v, s in card.labels.items()}, title=name)
@@ -244,6 +249,7 @@ def run_predict(
     ray_options: dict[str, Any] | None = None,
     dicom: DicomOutputOptions | None = None,
     force: bool = False,
+    prob_dtype: str = "uint8",
 ) -> BatchResult:
     """The body of ``medinfer predict`` (usable from Python); returns written paths per case.
 
@@ -263,6 +269,8 @@ def run_predict(
     ``force``: run scans that do not fit the model card's input contract (modality,
     intensities, slice count) even where the card refuses them
     (:mod:`medinfer.inference.contract`; mismatches are warned about either way).
+    ``prob_dtype``: ``uint8`` (default, ``scl_slope`` 1/255) or ``float32`` storage of
+    ``<case>_prob.nii.gz``.
     The returned list has ``.summary`` (counts, manifest path, case rows) and
     ``.exit_code`` (0, 3 some cases failed, 2 all failed).
 
@@ -276,6 +284,10 @@ def run_predict(
     from medinfer.inference.precheck import precheck_inputs
 
     precheck_inputs(inputs)  # bad files fail here, before torch and the model are loaded
+    from medinfer.errors import parse_enum
+    from medinfer.inference.outputs import ProbDtype
+
+    prob_dtype = parse_enum(ProbDtype, prob_dtype, "--prob-dtype").value
     from rich.console import Console
 
     from medinfer.errors import ConfigError
@@ -289,6 +301,9 @@ def run_predict(
     verbose = verbose or log.isEnabledFor(logging.INFO) or logging.getLogger().isEnabledFor(
         logging.INFO)
     resolve_device(device)  # fail early on a bad device
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():  # before any work
+        raise ConfigError(f"--output: {output_dir} exists and is not a folder; give a folder "
+                          "(created if missing)")
     overrides = {
         "series_uid": series, "tta": tta, "overlap": overlap, "batch_size": batch_size,
         "save_probabilities": save_probabilities, "overlay": overlay, "verbose": verbose,
@@ -326,7 +341,7 @@ def run_predict(
     settings = {
         "series": series, "tta": tta, "overlap": overlap, "stream": stream,
         "save_probabilities": save_probabilities, "overlay": overlay, "folds": folds,
-        "checkpoint": checkpoint, "name_by": str(name_by),
+        "checkpoint": checkpoint, "name_by": str(name_by), "prob_dtype": str(prob_dtype),
         **({"dicom": dicom.settings()} if dicom is not None else {}),
     }
     return execute_predict(
@@ -335,7 +350,8 @@ def run_predict(
         overwrite=overwrite, num_parts=num_parts, part_id=part_id, num_workers=num_workers,
         name_by=name_by, devices=devices, ray=ray, ray_options=ray_options, console=out,
         err=err, verbose=verbose, label_table=_label_table,
-        write_options={"dicom": dicom} if dicom is not None else None)
+        write_options={"prob_dtype": prob_dtype,
+                       **({"dicom": dicom} if dicom is not None else {})})
 
 
 def _delegate_detection(inputs: list[Path], model: str | None, config: Path | None,
@@ -429,6 +445,10 @@ def register(app: typer.Typer) -> None:
             None, "--dicom-reference",
             help="The DICOM series a NIfTI input came from (enables DICOM outputs for it; "
                  "the grids must match)."),
+        prob_dtype: str = typer.Option(
+            "uint8", "--prob-dtype",
+            help="Storage of <case>_prob.nii.gz: uint8 (scl_slope 1/255, 4x smaller) or "
+                 "float32 (full precision)."),
         force: bool = typer.Option(
             False, "--force",
             help="Run scans that do not fit the model card's input contract (modality, "
@@ -455,6 +475,6 @@ def register(app: typer.Typer) -> None:
                 trust_model_code=trust_model_code, stream=stream, keep_going=keep_going,
                 skip_existing=skip_existing, overwrite=overwrite, num_parts=num_parts,
                 part_id=part_id, num_workers=num_workers, name_by=name_by, devices=devices,
-                ray=ray, dicom=dicom, force=force)
+                ray=ray, dicom=dicom, force=force, prob_dtype=prob_dtype)
         if result.exit_code:
             raise typer.Exit(result.exit_code)
