@@ -92,8 +92,8 @@ def run_pool(
     code of a worker that died).
     """
     todo: queue.Queue[tuple[ImageEntry, str]] = queue.Queue()
-    for t in tasks:
-        todo.put(t)
+    for task in tasks:
+        todo.put(task)
     results: queue.Queue[tuple[ImageEntry, str, str]] = queue.Queue()
     cfg = config.to_dict()
 
@@ -128,9 +128,9 @@ def run_pool(
             worker.close()
 
     threads = [threading.Thread(target=drive, daemon=True) for _ in range(max(1, workers))]
-    for t in threads:
-        t.start()
+    for thread in threads:
+        thread.start()
     for _ in range(len(tasks)):
         yield results.get()
-    for t in threads:
-        t.join()
+    for thread in threads:
+        thread.join()

@@ -215,7 +215,7 @@ class PreparedVolume:
         )
 
 
-class ImageArrays(list):  # type: ignore[type-arg]
+class ImageArrays(list[Any]):
     """The prepared arrays of one image: a list of float32 tensors ``[1, D, H, W]``.
 
     A plain ``list`` (``img_arrs[0]``, ``len``, iteration) with the channel names and the
