@@ -51,9 +51,13 @@ def metadata_cmd(
     ),
 ) -> None:
     """Scan DATA_DIR/raw and write the dataset metadata (JSON)."""
-    from medinfer.data.metadata import DatasetMetadata
+    from medinfer.data.metadata import DatasetMetadata, UnmatchedModeError
+    from medinfer.errors import ConfigError
 
-    meta = DatasetMetadata.from_directory(data_dir, _parse_modes(mode))
+    try:
+        meta = DatasetMetadata.from_directory(data_dir, _parse_modes(mode))
+    except UnmatchedModeError as exc:  # say it in the command line's syntax
+        raise ConfigError(exc.cli_message()) from None
     path = meta.save(output if output is not None else data_dir / "metadata.json")
     counts: dict[str, int] = {}
     for e in meta.images:

@@ -174,11 +174,31 @@ def _resolve_mode(
             return Mode.CT
         if modality in ("MR", "MRI"):
             return Mode.MRI
-    raise ConfigError(
-        f"mode_mapping: no pattern matches image {entry_rel!r} (and no DICOM Modality CT/MR "
-        f"to fall back on); give a pattern such as {{'*': 'ct'}} or "
-        f"{{'{entry_rel.split('/')[0]}': 'mri'}}"
-    )
+    raise UnmatchedModeError(entry_rel)
+
+
+class UnmatchedModeError(ConfigError):
+    """No ``mode_mapping`` pattern matches an image and it has no DICOM Modality CT/MR.
+
+    ``image`` is the image path relative to ``raw/`` (``<study>/<image>``); ``study`` its
+    study folder. The message shows the Python form of a fix; the command line
+    (``medinfer data metadata``) shows its ``-m PATTERN=MODE`` form instead.
+    """
+
+    def __init__(self, image: str) -> None:
+        self.image = image
+        self.study = image.split("/")[0]
+        super().__init__(
+            f"mode_mapping: no pattern matches image {image!r} (and no DICOM Modality CT/MR "
+            f"to fall back on); give a pattern such as {{'*': 'ct'}} or "
+            f"{{'{self.study}': 'mri'}}"
+        )
+
+    def cli_message(self) -> str:
+        """The same, with the command line's ``-m`` syntax."""
+        return (f"--mode: no pattern matches image {self.image!r} (and no DICOM Modality "
+                f"CT/MR to fall back on); give one, e.g. -m ct (all images), -m '*=ct' or "
+                f"-m '{self.study}/*=mri'")
 
 
 @dataclass
