@@ -397,7 +397,7 @@ def load_source_datasets(
             f for f in root.rglob("*") if f.is_file() and not f.name.startswith("."))
         if len(files) > _MAX_SOURCE_FILES:
             raise InvalidImageError(f"{root}: more than {_MAX_SOURCE_FILES} files")
-        datasets = []
+        datasets: list[Dataset] = []
         for f in files:
             try:
                 datasets.append(pydicom.dcmread(f, stop_before_pixels=True))

@@ -173,7 +173,7 @@ def read_dicom_sr(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     p = Path(path)
     try:
         sr = hd.sr.srread(p)
-        groups = sr.content.get_planar_roi_measurement_groups()
+        groups = sr.content.get_planar_roi_measurement_groups()  # type: ignore[attr-defined]
     except (InvalidDicomError, OSError, ValueError, AttributeError, KeyError,
             TypeError) as exc:
         raise InvalidImageError(f"{p}: not a readable TID 1500 SR ({exc})") from None

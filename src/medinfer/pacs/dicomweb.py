@@ -94,8 +94,12 @@ class Pacs:
             raise PacsError(f"{self.url}: {what}: {type(exc).__name__}") from None
 
 
-def connect(url: str, auth: PacsAuth | None = None, *, timeout: float = 60.0) -> Pacs:
+def connect(url: str, auth: PacsAuth | None = None, *, timeout: float = 60.0,
+            attempts: int = 2) -> Pacs:
     """A DICOMweb client for ``url`` (the DICOMweb root, e.g. ``http://host/dicom-web``).
+
+    ``attempts``: tries per request on transient failures (connection errors, HTTP 408,
+    429, 503, 504), 0.2 s apart and growing exponentially.
 
     Raises
     ------
@@ -118,6 +122,8 @@ def connect(url: str, auth: PacsAuth | None = None, *, timeout: float = 60.0) ->
         session.auth = (parts.username, parts.password or "")
     clean = safe_url(url)
     client = DICOMwebClient(clean.rstrip("/"), session=session, timeout=timeout)
+    client.set_http_retry_params(retry=attempts > 1, max_attempts=max(1, attempts),
+                                 wait_exponential_multiplier=200)
     return Pacs(client, clean)
 
 

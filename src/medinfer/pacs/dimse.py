@@ -146,7 +146,8 @@ class DicomListener:
         self.state.reset_interrupted()
         ae = AE(ae_title=self.ae_title)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         if self.allowed_aets:
             ae.require_calling_aet = self.allowed_aets

@@ -33,6 +33,18 @@ def default_options(model: str, output_format: str | None = None, seg_type: str 
     return DicomOutputOptions.from_cli(output_format, seg_type, seg_compression)
 
 
+def _is_detection(model: str) -> bool:
+    from medinfer.errors import MedinferError
+    from medinfer.models.card import Task
+    from medinfer.models.loaders import resolve_model
+
+    try:
+        card, _ = resolve_model(model)
+    except MedinferError:  # nnU-Net folders, MONAI bundles: segmentation
+        return False
+    return card.task is Task.DETECTION
+
+
 def predict_series(series_dir: Path, series_uid: str | None, model: str, out_dir: Path,
                    options: Any, *, device: str = "auto") -> list[Path]:
     """Run ``model`` on the series in ``series_dir``; return the DICOM result files.
@@ -52,8 +64,12 @@ def predict_series(series_dir: Path, series_uid: str | None, model: str, out_dir
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     quiet = Console(file=io.StringIO())
+    config = None
+    if _is_detection(model):  # the node needs the findings only, not figures and reports
+        config = out_dir / ".node-detection.yaml"
+        config.write_text("output:\n  formats: [json]\n", encoding="utf-8")
     run_predict([series_dir], model=model, output_dir=out_dir, series=series_uid, device=device,
-                console=quiet, keep_going=False, num_workers=0, dicom=options)
+                console=quiet, keep_going=False, num_workers=0, dicom=options, config=config)
     results = sorted(p for p in out_dir.glob("*.dcm") if not p.name.startswith("."))
     if not results:
         raise InvalidImageError(f"series {series_uid or series_dir}: the model produced no "
