@@ -11,6 +11,7 @@ message goes to stderr without a traceback.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import re
@@ -137,6 +138,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(str(exc), 2)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         _fail(f"{exc.strerror or exc}: {exc.filename}", 2)
+    except OSError as exc:
+        # a full disk, a name too long for the file system, a read-only output folder:
+        # one clean message, exit 2 (issue 18.9); other OS errors keep their traceback
+        if exc.errno not in _CLEAN_ERRNOS:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        _fail(f"{exc.strerror or exc}{where}", 2)
+
+
+_CLEAN_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.EROFS,
+                           errno.EEXIST, errno.ENOTEMPTY, errno.EFBIG, errno.ELOOP})
 
 
 if __name__ == "__main__":  # pragma: no cover

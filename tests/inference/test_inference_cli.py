@@ -44,8 +44,8 @@ def test_predict_writes_outputs_on_source_grid(tmp_path: Path, model_dir: Path,
                  str(out), "--device", "cpu", "--save-probabilities", "--overlay", "--no-tta",
                  "--overlap", "0.5", "--batch-size", "2", "--verbose"])
     assert code == 0
-    assert _files(out) == ["head_overlay.png", "head_prob.nii.gz", "head_seg.nii.gz",
-                           "head_stats.json"]
+    assert {"head_overlay.png", "head_prob.nii.gz", "head_seg.nii.gz", "head_stats.json",
+            "run.json", "cases.csv"} <= set(_files(out))
     seg = nib.load(str(out / "head_seg.nii.gz"))
     assert seg.shape == arr.shape
     np.testing.assert_allclose(seg.affine, aff, atol=1e-5)
@@ -81,7 +81,7 @@ def test_folder_of_nifti_and_dicom_folder(tmp_path: Path, model_dir: Path) -> No
                        shuffle_seed=4)
     out = tmp_path / "out"
     code = _run(["predict", str(folder), str(tmp_path / "dcm"), "-m", str(model_dir / "model.yaml"),
-                 "-o", str(out), "--device", "cpu"])
+                 "-o", str(out), "--device", "cpu", "--name-by", "description"])
     assert code == 0
     names = _files(out)
     assert {"a_seg.nii.gz", "b_seg.nii.gz", "T1_axial_seg.nii.gz", "T1_axial_stats.json"} <= set(
@@ -152,7 +152,9 @@ def test_failure_while_writing_leaves_no_partial_case(tmp_path: Path, model_dir:
 
     monkeypatch.setattr(icli, "_overlay_function", lambda: broken)
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="disk full"):
+    from medinfer.batch import CaseFailedError
+
+    with pytest.raises(CaseFailedError, match="RuntimeError: disk full"):
         icli.run_predict([tmp_path / "head.nii.gz"], model=str(model_dir), output_dir=out,
                          device="cpu", overlay=True)
     assert _files(out) == []
