@@ -39,8 +39,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    # the temporary name is bounded (a 243-character final name must not make the
+    # temporary one exceed NAME_MAX = 255 bytes); the final suffixes are kept
     fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{final.name}.", suffix=".part" + _suffixes(final), dir=final.parent
+        prefix=f".{final.name[:80]}.", suffix=".part" + _suffixes(final)[-24:],
+        dir=final.parent,
     )
     os.close(fd)
     tmp = Path(tmp_name)

@@ -142,3 +142,23 @@ def test_18_17_dicom_without_preamble_loads(tmp_path: Path) -> None:
     vol = load(_write(tmp_path, "raw", raw))
     ref = load(_write(tmp_path, "p10.dcm", dicom_slice(seed=5)))
     assert np.array_equal(vol.array, ref.array)
+
+
+def test_18_14_dicom_series_folder_gets_umask_permissions(tmp_path: Path) -> None:
+    import os
+
+    from fuzz_corpus import oblique_affine
+
+    from medinfer.io import write_dicom_series
+    from medinfer.volume import Volume
+
+    vol = Volume(np.arange(60, dtype=np.int16).reshape(1, 5, 4, 3), oblique_affine())
+    out = tmp_path / "series"
+    old = os.umask(0o022)
+    try:
+        write_dicom_series(vol, out)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+    for f in out.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644

@@ -56,6 +56,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
+from medinfer._atomic import _UMASK
 from medinfer.errors import ConfigError, GeometryError, InvalidImageError, parse_enum
 from medinfer.io._lps import affine_ras_to_lps
 from medinfer.volume import Volume
@@ -153,6 +154,8 @@ def write_dicom_series(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+    # mkdtemp makes 0700; the series folder gets the umask's permissions like every output
+    os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         names: list[Path] = []
         for k in np.argsort(perm):  # write in file-name order, not slice order

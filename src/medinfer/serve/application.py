@@ -9,6 +9,7 @@ Endpoints (see ``docs/serving.md`` and ``/docs``)::
 
     GET    /health/live                       process is up
     GET    /health/ready                      model loaded, job store writable (else 503)
+    GET    /health                            the same (UNet3D / PIVOT name)
     GET    /v1/models                         the model card
     POST   /v1/predict                        multipart ``file``; JSON summary, or the label
                                               map NIfTI with ``?return_binary=true``
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import re
@@ -46,6 +46,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from medinfer import __version__
 from medinfer.errors import MedinferError
+from medinfer.serve.auth import AuthFirstMiddleware, Principal, principal_for
 from medinfer.serve.engine import (
     MAX_CONFIG_BYTES,
     Engine,
@@ -248,6 +249,7 @@ def create_app(settings: ServeSettings | None = None,
                              queue_limit=settings.queue_limit,
                              result_ttl_s=settings.result_ttl_s,
                              on_outcome=lambda o: metrics.jobs.labels(o).inc())
+        store.acquire()  # one server per store: a second one refuses to start (18.10)
         requeued = store.recover()  # before accepting submissions (see JobStore.recover)
         if requeued:
             log.warning("re-queued %d job(s) interrupted by the previous shutdown",
@@ -280,29 +282,36 @@ def create_app(settings: ServeSettings | None = None,
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes + _FORM_SLACK)
+    # 401 from the headers alone, before any body is read (issue 18.5)
+    app.add_middleware(AuthFirstMiddleware, api_keys=settings.api_keys,
+                       admin_keys=settings.admin_api_keys)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     bearer = HTTPBearer(auto_error=False, description="API key (MEDINFER_API_KEYS)")
 
-    def _key_ok(key: str | None) -> bool:
-        if not settings.api_keys:
-            return True
-        if not key:
-            return False
-        return any(hmac.compare_digest(key.encode(), k.encode()) for k in settings.api_keys)
+    def _principal(key: str | None) -> Principal | None:
+        return principal_for(key, settings.api_keys, settings.admin_api_keys)
 
-    def require_key(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if not _key_ok(creds.credentials if creds else None):
+    def require_key(creds: HTTPAuthorizationCredentials | None = Depends(bearer)
+                    ) -> Principal:
+        who = _principal(creds.credentials if creds else None)
+        if who is None:
             raise ApiError(401, "Unauthorized",
                            "missing or wrong API key; send 'Authorization: Bearer <key>'",
                            {"WWW-Authenticate": "Bearer"})
+        return who
 
     auth = [Depends(require_key)]
 
-    def _job_or_404(job_id: str) -> Job:
+    def _job_or_404(job_id: str, who: Principal | None = None) -> Job:
         job = _store().get(job_id) if _JOB_ID.match(job_id) else None
+        if job is not None and who is not None and not who.may_read(job.owner):
+            job = None  # another key's job: as if it did not exist
         if job is None:
             raise ApiError(404, "JobNotFound", f"job {job_id[:64]!r} does not exist")
+        if not _store().outputs_complete(job):  # never 'succeeded' without its files
+            _store().mark_lost(job.id)
+            job = _store().get(job.id) or job
         return job
 
     # ------------------------------------------------------------------- health
@@ -312,6 +321,8 @@ def create_app(settings: ServeSettings | None = None,
 
     @app.get("/health/ready", tags=["health"], responses=error_responses(503),
              summary="Readiness: model loaded and job store writable")
+    @app.get("/health", tags=["health"], responses=error_responses(503),
+             summary="Health (UNet3D / PIVOT name): same as /health/ready")
     def ready() -> JSONResponse:
         store = store_box.get("store")
         writable = bool(store is not None and store.writable())
@@ -389,7 +400,9 @@ def create_app(settings: ServeSettings | None = None,
         up = tmp / "upload"
         try:
             await run_in_threadpool(save_upload, upload.file, up, limits, "file")
-            await anyio.to_thread.run_sync(check_upload, up, tmp / "check", limits, "file")
+            # under the workers' bound: parallel uploads do not multiply unpacking
+            await anyio.to_thread.run_sync(check_upload, up, tmp / "check", limits, "file",
+                                           limiter=predict_limiter)
         except BaseException:
             await run_in_threadpool(shutil.rmtree, tmp, True)
             raise
@@ -410,6 +423,7 @@ def create_app(settings: ServeSettings | None = None,
         config: UploadFile | None = File(None, description="optional job config YAML "
                                                             "(threshold, save_probabilities, "
                                                             "detection)"),
+        who: Principal = Depends(require_key),
     ) -> JSONResponse:
         _check_queue_room()
         job_config = JobConfig()
@@ -418,7 +432,7 @@ def create_app(settings: ServeSettings | None = None,
             job_config = parse_job_config(raw, name="config")
         up = await _accept_upload(file)
         try:
-            job = await run_in_threadpool(_manager().submit, up, job_config)
+            job = await run_in_threadpool(_manager().submit, up, job_config, "", who.owner)
         finally:
             await run_in_threadpool(shutil.rmtree, up.parent, True)
         return JSONResponse(status_code=202, content={
@@ -429,8 +443,8 @@ def create_app(settings: ServeSettings | None = None,
 
     @app.get("/api/v1/inference/{job_id}", tags=["jobs"], dependencies=auth,
              responses=error_responses(401, 404), summary="Job status and progress")
-    def job_status(job_id: str) -> dict[str, Any]:
-        job = _job_or_404(job_id)
+    def job_status(job_id: str, who: Principal = Depends(require_key)) -> dict[str, Any]:
+        job = _job_or_404(job_id, who)
         body = job.to_status()
         if job.status is JobStatus.SUCCEEDED:
             body["results_url"] = f"/api/v1/inference/{job.id}/results"
@@ -438,8 +452,8 @@ def create_app(settings: ServeSettings | None = None,
 
     @app.get("/api/v1/inference/{job_id}/results", tags=["jobs"], dependencies=auth,
              responses=error_responses(401, 404, 409, 410), summary="Job results")
-    def job_results(job_id: str) -> dict[str, Any]:
-        job = _job_or_404(job_id)
+    def job_results(job_id: str, who: Principal = Depends(require_key)) -> dict[str, Any]:
+        job = _job_or_404(job_id, who)
         _require_succeeded(job)
         return results_body(job)
 
@@ -448,8 +462,9 @@ def create_app(settings: ServeSettings | None = None,
                         200: {"content": {"application/gzip": {}, "application/json": {}},
                               "description": "the file"}},
              summary="Download one result file")
-    def job_file(job_id: str, name: str) -> FileResponse:
-        job = _job_or_404(job_id)
+    def job_file(job_id: str, name: str, who: Principal = Depends(require_key)
+                 ) -> FileResponse:
+        job = _job_or_404(job_id, who)
         _require_succeeded(job)
         if name not in job.files:
             raise ApiError(404, "FileNotFound",
@@ -462,8 +477,8 @@ def create_app(settings: ServeSettings | None = None,
 
     @app.delete("/api/v1/inference/{job_id}", tags=["jobs"], dependencies=auth,
                 responses=error_responses(401, 404, 409), summary="Cancel a job")
-    def job_cancel(job_id: str) -> JSONResponse:
-        job = _job_or_404(job_id)
+    def job_cancel(job_id: str, who: Principal = Depends(require_key)) -> JSONResponse:
+        job = _job_or_404(job_id, who)
         status = _manager().cancel(job.id)
         if status is JobStatus.CANCELLED and job.status is JobStatus.QUEUED:
             return JSONResponse({"job_id": job.id, "status": "cancelled"})
@@ -505,11 +520,11 @@ def create_app(settings: ServeSettings | None = None,
             key = header[7:].strip()
         await ws.accept()
         try:
-            if not _key_ok(key):
-                await asyncio.wait_for(ws.receive(), 5.0)  # let the client send first
+            who = _principal(key)
+            if who is None:  # refused before any message is read
                 await _ws_error(ws, 401, "Unauthorized", "missing or wrong API key")
                 return
-            job_id = await _ws_open(ws)
+            job_id = await _ws_open(ws, who)
             if job_id is None:
                 return
             await _ws_follow(ws, job_id)
@@ -518,23 +533,28 @@ def create_app(settings: ServeSettings | None = None,
         except TimeoutError:
             await _ws_error(ws, 408, "Timeout", "no message from the client in time",
                             code=1008)
+        except Exception:  # never drop the socket without a close frame
+            log.exception("WebSocket request failed")
+            await _ws_error(ws, 400, "BadRequest", "the request could not be processed",
+                            code=1011)
 
     async def _ws_error(ws: WebSocket, status: int, type_: str, message: str,
                         code: int = 1008) -> None:
         if ws.application_state == WebSocketState.CONNECTED:
             body = error_body(status, type_, message)
             with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-                await ws.send_json({"event": "error", "status": "rejected", **body})
+                await ws.send_json({"event": "error", "status": "failed", "progress": 0.0,
+                                    **body})
                 await ws.close(code=code)
 
-    async def _ws_open(ws: WebSocket) -> str | None:
+    async def _ws_open(ws: WebSocket, who: Principal) -> str | None:
         tmp = Path(tempfile.mkdtemp(prefix="ws-", dir=store_box["tmp"]))
         try:
-            return await _ws_open_in(ws, tmp)
+            return await _ws_open_in(ws, tmp, who)
         finally:
             await run_in_threadpool(shutil.rmtree, tmp, True)
 
-    async def _ws_open_in(ws: WebSocket, tmp: Path) -> str | None:
+    async def _ws_open_in(ws: WebSocket, tmp: Path, who: Principal) -> str | None:
         """Read the client's request; submit a scan or return the job id to follow."""
         up = tmp / "upload"
         first = await asyncio.wait_for(ws.receive(), _WS_IDLE_S)
@@ -551,7 +571,7 @@ def create_app(settings: ServeSettings | None = None,
         else:
             try:
                 msg = json.loads(first.get("text") or "")
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 await _ws_error(ws, 400, "BadRequest", "first message must be JSON or bytes")
                 return None
             if not isinstance(msg, dict):
@@ -559,7 +579,8 @@ def create_app(settings: ServeSettings | None = None,
                 return None
             if "job_id" in msg:
                 job_id = str(msg["job_id"])
-                if not _JOB_ID.match(job_id) or _store().get(job_id) is None:
+                found = _store().get(job_id) if _JOB_ID.match(job_id) else None
+                if found is None or not who.may_read(found.owner):
                     await _ws_error(ws, 404, "JobNotFound", f"job {job_id[:64]!r} does not "
                                     "exist")
                     return None
@@ -600,8 +621,9 @@ def create_app(settings: ServeSettings | None = None,
                     await run_in_threadpool(fh.write, chunk)
         try:
             _check_queue_room()
-            await anyio.to_thread.run_sync(check_upload, up, tmp / "check", limits, "scan")
-            job = await run_in_threadpool(_manager().submit, up, config)
+            await anyio.to_thread.run_sync(check_upload, up, tmp / "check", limits, "scan",
+                                           limiter=predict_limiter)
+            job = await run_in_threadpool(_manager().submit, up, config, "", who.owner)
         except QueueFullError as exc:
             await _ws_error(ws, 429, "QueueFull", f"{exc} (retry after {exc.retry_after} s)")
             return None
@@ -623,7 +645,7 @@ def create_app(settings: ServeSettings | None = None,
                     event["progress"] = max(last, float(event.get("progress", 0.0)))
                     last = event["progress"]
                     if event["event"] in ("completed", "failed", "cancelled", "expired"):
-                        await ws.send_json(event)
+                        await ws.send_json(_described_final(event))
                         await ws.close(code=1000)
                         return
                     await ws.send_json(event)
@@ -636,6 +658,19 @@ def create_app(settings: ServeSettings | None = None,
             await _ws_error(ws, 408, "Timeout", "stream time limit reached", code=1000)
         finally:
             manager.unsubscribe(job_id, sub)
+
+    def _described_final(event: dict[str, Any]) -> dict[str, Any]:
+        """The PIVOT stream contract on the last event: ``status`` ``completed`` with
+        top-level ``detections`` (the job status stays in ``job_status``), or ``failed``."""
+        ev = dict(event, job_status=event.get("status"))
+        if ev["event"] == "completed":
+            ev["status"] = "completed"
+            summary = (ev.get("result") or {}).get("summary") or {}
+            ev["detections"] = summary.get("detections") or []
+        else:
+            ev["status"] = "failed" if ev["event"] == "failed" else str(ev["event"])
+            ev.setdefault("error", {"type": ev["event"], "message": f"job {ev['event']}"})
+        return ev
 
     def _snapshot(job: Job) -> dict[str, Any]:
         kind = {JobStatus.SUCCEEDED: "completed", JobStatus.FAILED: "failed",

@@ -30,7 +30,7 @@ ProgressFn = Callable[[str, float], None]
 
 #: the only file names a job can produce (never taken from user input)
 OUTPUT_FILES = ("label.nii.gz", "summary.json", "probabilities.nii.gz", "heatmap.nii.gz",
-                "detections.json")
+                "detections.json", "detections.csv", "visualization.png", "report.pdf")
 
 MAX_CONFIG_BYTES = 64 * 1024
 
@@ -76,27 +76,39 @@ def parse_job_config(data: bytes | str | Mapping[str, Any] | None,
             parsed = yaml.safe_load(raw.decode("utf-8")) if raw.strip() else {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{name}: not valid YAML ({type(exc).__name__})") from None
-    else:
+        except RecursionError:
+            raise ConfigError(f"{name}: nested too deeply to be a job config") from None
+    elif isinstance(data, Mapping):
         parsed = dict(data)
+    else:
+        raise ConfigError(f"{name}: expected a mapping (threshold, save_probabilities, "
+                          f"detection), got {type(data).__name__}")
     if parsed is None:
         parsed = {}
     if not isinstance(parsed, dict):
         raise ConfigError(f"{name}: expected a mapping at the top level, got "
                           f"{type(parsed).__name__}")
+    if parsed and set(parsed) <= set(_DETECTION_CONFIG_SECTIONS):
+        parsed = {"detection": detection_file_as_job(parsed, name)}
     try:
         cfg = JobConfig.model_validate(parsed)
+    except RecursionError:
+        raise ConfigError(f"{name}: nested too deeply to be a job config") from None
     except ValidationError as exc:
         parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         raise ConfigError(f"{name}: " + "; ".join(parts)
                           + " (accepted keys: threshold, save_probabilities, detection)") \
             from None
     if cfg.detection:
-        checked = safe_detection_config(cfg.detection)
         try:
-            from medinfer.postprocess.detection_config import DetectionConfig
-        except ImportError:  # detection pipeline not installed: checked when it runs
-            return cfg
-        DetectionConfig.from_dict(checked, source=f"{name}: detection")
+            checked = safe_detection_config(cfg.detection)
+            try:
+                from medinfer.postprocess.detection_config import DetectionConfig
+            except ImportError:  # detection pipeline not installed: checked when it runs
+                return cfg
+            DetectionConfig.from_dict(checked, source=f"{name}: detection")
+        except RecursionError:
+            raise ConfigError(f"{name}: detection is nested too deeply") from None
     return cfg
 
 
@@ -136,9 +148,12 @@ class ModelEngine:
     def __init__(self, model: str, device: str = "auto", *, threshold: float | None = None,
                  pad_multiple: int | None = None,
                  clip_percentiles: tuple[float, float] | None = None) -> None:
-        from medinfer.models import load_model, resolve_device, resolve_model
+        from medinfer.models import load_model, resolve_device
+        from medinfer.models.checkpoint import resolve_checkpoint
 
-        card, model_dir = resolve_model(model)
+        # a model folder / model.yaml / bundled name, or a weights file (TorchScript, or a
+        # state dict built from the model.yaml beside it): UNET3D_MODEL_PATH
+        card, model_dir = resolve_checkpoint(model)
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
         self.card = _override_card(card, threshold=threshold, pad_multiple=pad_multiple,
@@ -218,6 +233,32 @@ _DETECTION_SPANS = {"preprocess": (0.0, 0.1), "inference": (0.1, 0.85),
 
 #: detection-config sections a client may set per job (no file paths, no outputs)
 _CLIENT_DETECTION_SECTIONS = ("input", "inference", "post_processing")
+_DETECTION_CONFIG_SECTIONS = ("model", "input", "inference", "post_processing", "output",
+                              "visualization")
+
+
+def detection_file_as_job(data: Mapping[str, Any], name: str = "config") -> dict[str, Any]:
+    """A whole detection config file (medinfer or PIVOT ``inference.yaml`` keys) as a job's
+    ``detection`` options.
+
+    The file is validated as ``--config`` would be (unknown keys fail with the dotted
+    key); its ``input``, ``inference`` and ``post_processing`` sections apply to the job.
+    ``model`` (the server serves one model), ``output`` and ``visualization`` (a job always
+    writes the same files) are validated and left aside.
+
+    Raises
+    ------
+    ConfigError
+        An invalid key or value (the message names it).
+    """
+    from medinfer.postprocess.detection_config import (
+        DetectionConfig,
+        translate_described_keys,
+    )
+
+    translated = translate_described_keys(dict(data), name)
+    DetectionConfig.from_dict(translated, source=name)
+    return {k: v for k, v in translated.items() if k in _CLIENT_DETECTION_SECTIONS}
 
 
 def safe_detection_config(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -278,7 +319,8 @@ def label_names(card_json: Mapping[str, Any]) -> dict[int, str]:
 
 
 def write_outputs(prediction: Prediction, out_dir: Path, config: JobConfig,
-                  extra: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+                  extra: Mapping[str, Any] | None = None, *, image: Volume | None = None,
+                  scan_id: str = "scan") -> tuple[dict[str, Any], list[str]]:
     """Write a job's results under ``out_dir`` all-or-nothing; return (summary, file names).
 
     Files are first written into a hidden sibling folder ``.<name>.tmp`` and the folder is
@@ -286,7 +328,9 @@ def write_outputs(prediction: Prediction, out_dir: Path, config: JobConfig,
     does not exist or holds complete files. Names are fixed (:data:`OUTPUT_FILES`):
     ``label.nii.gz`` (label map, uint8/uint16, source grid), ``summary.json``,
     ``probabilities.nii.gz`` (only with ``config.save_probabilities``),
-    ``heatmap.nii.gz`` and ``detections.json`` (detection models).
+    ``heatmap.nii.gz``, ``detections.json`` (the document of ``<case>_detections.json``
+    with ``scan_id``, ``metadata``, ``summary``), ``detections.csv`` and, given the scan
+    ``image``, ``visualization.png`` and ``report.pdf`` (detection models).
     """
     from medinfer.io import save
 
@@ -305,9 +349,8 @@ def write_outputs(prediction: Prediction, out_dir: Path, config: JobConfig,
     if extra:
         summary.update(extra)
     summary = jsonable(summary)
-    if prediction.detections:
-        _write_json(tmp / "detections.json", {"detections": summary["detections"]})
-        files.append("detections.json")
+    if prediction.heatmap is not None:
+        files += _write_detection_files(prediction, tmp, image, scan_id)
     _write_json(tmp / "summary.json", summary)
     files.append("summary.json")
     _fsync_dir(tmp)
@@ -316,6 +359,39 @@ def write_outputs(prediction: Prediction, out_dir: Path, config: JobConfig,
     os.replace(tmp, out_dir)
     _fsync_dir(out_dir.parent)
     return summary, files
+
+
+def _write_detection_files(prediction: Prediction, tmp: Path, image: Volume | None,
+                           scan_id: str) -> list[str]:
+    """The detection model's result files, as :func:`medinfer.detection.write_case_outputs`
+    writes them for the CLI (same document, same CSV)."""
+    from medinfer.postprocess.calibration import Calibration
+    from medinfer.reporting.detections import (
+        detection_document,
+        write_detections_csv,
+        write_detections_json,
+    )
+
+    assert prediction.heatmap is not None
+    dets = list(prediction.detections or [])
+    grid = image if image is not None else prediction.heatmap
+    doc = detection_document(scan_id, grid, dets, model=prediction.model_name,
+                             model_version=str(prediction.model_version),
+                             categories=Calibration().category_names,
+                             processing_time_seconds=float(prediction.timings.get("total", 0.0)))
+    write_detections_json(doc, tmp / "detections.json")
+    write_detections_csv(dets, tmp / "detections.csv", scan_id=scan_id)
+    files = ["detections.json", "detections.csv"]
+    if image is not None:
+        from medinfer.reporting.detection_figures import write_visualization_png
+        from medinfer.reporting.detection_pdf import write_detection_pdf
+
+        png = tmp / "visualization.png"
+        write_visualization_png(png, image, prediction.heatmap, dets,
+                                title=f"{scan_id}: {len(dets)} finding(s)")
+        write_detection_pdf(tmp / "report.pdf", doc, image, overview_png=png)
+        files += ["visualization.png", "report.pdf"]
+    return files
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -58,6 +58,13 @@ class _Subscriber:
             pass
 
 
+def _scan_id(input_name: str) -> str:
+    """Case id of an uploaded file name, as the CLI names cases (``a.nii.gz`` -> ``a``)."""
+    from medinfer.detection import case_name
+
+    return case_name(Path(input_name or "scan")) or "scan"
+
+
 class JobManager:
     """Runs queued jobs on a fixed number of threads and publishes their events.
 
@@ -132,8 +139,10 @@ class JobManager:
         avg = self.store.average_duration()
         return int(min(3600, max(1, math.ceil(avg * max(1, queued) / self.workers))))
 
-    def submit(self, upload: Path, config: JobConfig, input_name: str = "") -> Job:
-        """Queue a job for an already *checked* upload file (moved into the store).
+    def submit(self, upload: Path, config: JobConfig, input_name: str = "",
+               owner: str = "") -> Job:
+        """Queue a job for an already *checked* upload file (moved into the store);
+        ``owner`` identifies the submitting API key (empty without keys).
 
         Raises ``QueueFullError`` (the upload is deleted) when the queue is full.
         """
@@ -148,7 +157,8 @@ class JobManager:
         try:
             job = self.store.add(job_id, input_name=input_name,
                                  config=config.model_dump(mode="json"),
-                                 queue_limit=self.queue_limit, retry_after=self.retry_after())
+                                 queue_limit=self.queue_limit, retry_after=self.retry_after(),
+                                 owner=owner)
         except QueueFullError:
             shutil.rmtree(in_dir, ignore_errors=True)
             raise
@@ -253,13 +263,15 @@ class JobManager:
             config = parse_job_config(job.config, name="job config")
             scan = check_upload(self.store.input_dir(job.id) / UPLOAD_NAME,
                                 self.store.input_dir(job.id) / "work", self.limits, name="input")
+            report("loading", 2.0)  # a cancel during the checks stops here
             volume = load_checked(scan, self.limits, name="input")
             report("loading", 5.0)
             engine = self._engine()
             prediction = engine.predict(volume, config, progress=predictor_progress)
             report("writing", 95.0)
             summary, files = write_outputs(prediction, self.store.output_dir(job.id), config,
-                                           extra={"job_id": job.id})
+                                           extra={"job_id": job.id}, image=volume,
+                                           scan_id=_scan_id(job.input_name))
         except JobCancelled as exc:
             if self._stop.is_set() and job.id not in self._cancel \
                     and not self.store.cancel_requested(job.id):
@@ -267,12 +279,24 @@ class JobManager:
             self._end(job, JobStatus.CANCELLED, error=("Cancelled", str(exc)))
             return
         except MedinferError as exc:
-            self._end(job, JobStatus.FAILED, error=(type(exc).__name__, str(exc)))
+            if self._cancel_asked(job.id):
+                self._end(job, JobStatus.CANCELLED, error=("Cancelled", "cancelled by the client"))
+                return
+            self._end(job, JobStatus.FAILED, error=(type(exc).__name__, self._redact(str(exc))))
             return
         except Exception as exc:  # a bug or resource problem must not kill the worker
             log.exception("job %s failed", job.id)
-            self._end(job, JobStatus.FAILED, error=("InternalError", f"{type(exc).__name__}: "
-                                                     f"{exc}"))
+            if self._cancel_asked(job.id):
+                self._end(job, JobStatus.CANCELLED, error=("Cancelled", "cancelled by the client"))
+                return
+            self._end(job, JobStatus.FAILED, error=(
+                "InternalError", self._redact(f"{type(exc).__name__}: {exc}")))
+            return
+        out_dir = self.store.output_dir(job.id)
+        missing = [f for f in files if not (out_dir / f).is_file()]
+        if missing:  # results are checked before the status flips
+            self._end(job, JobStatus.FAILED, error=(
+                "InternalError", f"result files missing after writing: {missing}"))
             return
         if not self.store.finish(job.id, JobStatus.SUCCEEDED, result=summary, files=files):
             return
@@ -284,8 +308,22 @@ class JobManager:
         if self._on_outcome:
             self._on_outcome("succeeded")
 
+    def _cancel_asked(self, job_id: str) -> bool:
+        return job_id in self._cancel or self.store.cancel_requested(job_id)
+
+    def _redact(self, message: str) -> str:
+        """Replace server paths (anything under the job store) by ``input``."""
+        import re
+
+        roots = {str(self.store.root), str(self.store.root.resolve())}
+        for root in sorted(roots, key=len, reverse=True):
+            message = re.sub(re.escape(root) + r"[^\s:'\",;)]*", "input", message)
+        return message
+
     def _end(self, job: Job, status: JobStatus, error: tuple[str, str]) -> None:
-        self.store.finish(job.id, status, error_type=error[0], error_message=error[1])
+        if not self.store.finish(job.id, status, error_type=error[0], error_message=error[1]):
+            # another worker finished this row: its files are not ours to delete
+            return
         shutil.rmtree(self.store.input_dir(job.id), ignore_errors=True)
         shutil.rmtree(self.store.output_dir(job.id), ignore_errors=True)
         done = self.store.get(job.id)

@@ -6,6 +6,8 @@ Every field below maps to the environment variable ``MEDINFER_<FIELD NAME IN CAP
 JSON list; ``MEDINFER_CLIP_PERCENTILES`` accepts ``"0.5,99.5"`` or a JSON list.
 
 Invalid values raise :class:`medinfer.errors.ConfigError` naming the variable.
+The UNet3D names (``UNET3D_MODEL_PATH``, ``UNET3D_DEVICE``, ...) are aliases
+(:mod:`medinfer.serve.env_aliases`).
 """
 
 from __future__ import annotations
@@ -64,7 +66,10 @@ class ServeSettings(BaseSettings):
     queue_limit : most jobs waiting in the queue; beyond it submissions get HTTP 429.
     job_store : folder holding the SQLite job database, uploaded inputs and outputs.
     result_ttl_s : seconds a finished job's results are kept (then status ``expired``).
-    api_keys : accepted API keys (``Authorization: Bearer <key>``); empty disables auth.
+    api_keys : accepted API keys (``Authorization: Bearer <key>``); empty disables auth
+        (unless admin keys are set). A job belongs to the key that submitted it: other
+        keys get 404 for it (:mod:`medinfer.serve.auth`).
+    admin_api_keys : keys that may read and cancel every job (``MEDINFER_ADMIN_API_KEYS``).
     """
 
     model_config = SettingsConfigDict(env_prefix="MEDINFER_", extra="ignore",
@@ -85,8 +90,9 @@ class ServeSettings(BaseSettings):
     job_store: Path = Path("medinfer-jobs")
     result_ttl_s: float = Field(default=24 * 3600.0, gt=0.0)
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
-    @field_validator("cors_origins", "api_keys", mode="before")
+    @field_validator("cors_origins", "api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
@@ -115,13 +121,20 @@ def load_settings(**overrides: Any) -> ServeSettings:
     ConfigError
         A ``MEDINFER_*`` variable or override has an invalid value; the message names it.
     """
+    from medinfer.serve.env_aliases import UNET3D_ALIASES, unet3d_settings
+
+    aliases = unet3d_settings()  # UNET3D_* variables, checked (docs/compat/unet3d.md)
+    alias_names = {f: f"UNET3D_{s}" for s, f in UNET3D_ALIASES.items() if f in aliases}
     try:
-        return ServeSettings(**{k: v for k, v in overrides.items() if v is not None})
+        return ServeSettings(**{**aliases,
+                                **{k: v for k, v in overrides.items() if v is not None}})
     except ValidationError as exc:
         parts = []
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"]) or "settings"
-            parts.append(f"MEDINFER_{field.split('.')[0].upper()}: {err['msg']}")
+            name = alias_names.get(field.split(".")[0],
+                                   f"MEDINFER_{field.split('.')[0].upper()}")
+            parts.append(f"{name}: {err['msg']}")
         raise ConfigError("invalid service settings: " + "; ".join(parts)) from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"invalid service settings: a list value is not valid JSON ({exc})") \

@@ -67,6 +67,7 @@ class Job:
     files: list[str] = field(default_factory=list)
     attempts: int = 0
     cancel_requested: bool = False
+    owner: str = ""
 
     def to_status(self) -> dict[str, Any]:
         """The JSON body of ``GET /api/v1/inference/{id}``."""
@@ -83,6 +84,10 @@ class Job:
         if self.error_type:
             out["error"] = {"type": self.error_type, "message": self.error_message or ""}
         return out
+
+
+class StoreLockedError(Exception):
+    """The job store folder is owned by another running server."""
 
 
 class QueueFullError(Exception):
@@ -112,14 +117,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     result TEXT,
     files TEXT NOT NULL DEFAULT '[]',
     attempts INTEGER NOT NULL DEFAULT 0,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs(status, seq);
 """
 
 _COLUMNS = ("id", "status", "created", "updated", "progress", "stage", "config", "input_name",
             "started", "finished", "error_type", "error_message", "result", "files",
-            "attempts", "cancel_requested")
+            "attempts", "cancel_requested", "owner")
 
 
 class JobStore:
@@ -142,11 +148,51 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        if "owner" not in cols:  # a store written by an older version
+            self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+        self._owner_fd: int | None = None
+
+    # ---------------------------------------------------------------- ownership
+    def acquire(self) -> None:
+        """Become the one server that runs this store's jobs (an exclusive ``flock`` on
+        ``server.lock``, held until :meth:`close` or process death).
+
+        Two servers on one store would each re-queue the other's running jobs at start-up,
+        run them twice and delete each other's outputs; the second one is refused.
+
+        Raises
+        ------
+        StoreLockedError
+            Another live process holds the store.
+        """
+        import fcntl
+        import os
+
+        if self._owner_fd is not None:
+            return
+        fd = os.open(self.root / "server.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StoreLockedError(
+                f"job store {self.root.name!r} is in use by another medinfer server "
+                "(MEDINFER_JOB_STORE must be one folder per server)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._owner_fd = fd
 
     # ------------------------------------------------------------------ basics
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._owner_fd is not None:
+                import os
+
+                os.close(self._owner_fd)  # releases the flock
+                self._owner_fd = None
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -182,7 +228,7 @@ class JobStore:
             error_message=d["error_message"],
             result=json.loads(d["result"]) if d["result"] else None,
             files=json.loads(d["files"]), attempts=d["attempts"],
-            cancel_requested=bool(d["cancel_requested"]),
+            cancel_requested=bool(d["cancel_requested"]), owner=d["owner"] or "",
         )
 
     def input_dir(self, job_id: str) -> Path:
@@ -218,8 +264,9 @@ class JobStore:
 
     # ---------------------------------------------------------------- updates
     def add(self, job_id: str, *, input_name: str, config: dict[str, Any], queue_limit: int,
-            retry_after: int = 5) -> Job:
-        """Insert a queued job whose input is already on disk.
+            retry_after: int = 5, owner: str = "") -> Job:
+        """Insert a queued job whose input is already on disk; ``owner`` identifies the
+        API key that submitted it (empty when the server has no keys).
 
         Raises :class:`QueueFullError` (nothing inserted) if ``queue_limit`` jobs are queued.
         """
@@ -230,9 +277,9 @@ class JobStore:
                 raise QueueFullError(int(queued), retry_after)
             (seq,) = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()
             db.execute(
-                "INSERT INTO jobs (id, seq, status, created, updated, config, input_name) "
-                "VALUES (?, ?, 'queued', ?, ?, ?, ?)",
-                (job_id, seq, now, now, json.dumps(config), input_name),
+                "INSERT INTO jobs (id, seq, status, created, updated, config, input_name, "
+                "owner) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
+                (job_id, seq, now, now, json.dumps(config), input_name, owner),
             )
         job = self.get(job_id)
         if job is None:  # pragma: no cover - just inserted
@@ -349,6 +396,21 @@ class JobStore:
             _remove(self.output_dir(i))
             _remove(self.input_dir(i))
         return ids
+
+    def outputs_complete(self, job: Job) -> bool:
+        """True unless ``job`` succeeded and one of its result files is missing."""
+        if job.status is not JobStatus.SUCCEEDED:
+            return True
+        folder = self.output_dir(job.id)
+        return all((folder / name).is_file() for name in job.files)
+
+    def mark_lost(self, job_id: str) -> None:
+        """A succeeded job whose files disappeared becomes ``expired`` (never reported
+        ``succeeded`` without its results)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET status='expired', result=NULL, files='[]', updated=?, "
+                       "error_type='ResultsLost', error_message='the result files are gone' "
+                       "WHERE id=? AND status='succeeded'", (time.time(), job_id))
 
     def average_duration(self, default: float = 5.0, last: int = 20) -> float:
         """Mean wall time (s) of the last ``last`` succeeded jobs, for Retry-After."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import shutil
 import stat
 import struct
@@ -294,11 +295,19 @@ def extract_zip(path: Path, target: Path, limits: Limits, name: str = "upload") 
                 f"{name}: {len(infos)} archive members; the limit is "
                 f"{limits.max_archive_members} (MEDINFER_MAX_ARCHIVE_MEMBERS)"
             )
+        declared = 0
         for info in infos:
             reason = _unsafe_member_reason(info)
             if reason:
                 raise UnsafeArchiveError(f"{name}: archive member {info.filename!r} {reason}; "
                                          "refused")
+            declared += max(0, int(info.file_size))
+        if declared > limits.max_unpacked_bytes:  # refused before a byte is written
+            raise UnsafeArchiveError(
+                f"{name}: archive unpacks to more than {limits.max_unpacked_bytes} bytes "
+                f"(its members declare {declared}; MEDINFER_MAX_UNPACKED_BYTES); refused "
+                "before unpacking"
+            )
         target.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
         total = 0
@@ -311,11 +320,18 @@ def extract_zip(path: Path, target: Path, limits: Limits, name: str = "upload") 
             out_path = target / f"m{index:05d}{suffix}"
             try:
                 with zf.open(info) as src, open(out_path, "wb") as out:
+                    member = 0
                     while True:
                         chunk = src.read(_CHUNK)
                         if not chunk:
                             break
                         total += len(chunk)
+                        member += len(chunk)
+                        if member > info.file_size:
+                            raise UnsafeArchiveError(
+                                f"{name}: archive member #{index} unpacks to more than the "
+                                f"{info.file_size} bytes its header declares; refused"
+                            )
                         if total > limits.max_unpacked_bytes:
                             raise UnsafeArchiveError(
                                 f"{name}: archive unpacks to more than "
@@ -333,22 +349,36 @@ def extract_zip(path: Path, target: Path, limits: Limits, name: str = "upload") 
 
 
 def _check_dicom_files(files: list[Path], limits: Limits, name: str) -> int:
-    import pydicom
     from pydicom.errors import InvalidDicomError
+
+    from medinfer.errors import MedinferError
+    from medinfer.io._dicom_guard import check_pixel_bytes, dcmread_bounded
+    from medinfer.io._limits import check_frame_count
 
     voxels = 0
     readable = 0
+    frames_total = 0
     for f in files:
         try:
-            ds = pydicom.dcmread(str(f), stop_before_pixels=True)
+            ds = dcmread_bounded(f, stop_before_pixels=True, force=True, defer_size="1 MB")
+            rows = int(getattr(ds, "Rows", 0) or 0)
+            cols = int(getattr(ds, "Columns", 0) or 0)
+            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        except MedinferError as exc:  # inflation cap, corrupt deflate stream
+            raise type(exc)(str(exc).replace(str(f), name)) from None
         except (InvalidDicomError, OSError, ValueError, EOFError, struct.error, KeyError,
-                AttributeError, TypeError):
+                AttributeError, TypeError, IndexError, NotImplementedError, OverflowError,
+                RuntimeError, zlib.error):
             continue
-        rows = int(getattr(ds, "Rows", 0) or 0)
-        cols = int(getattr(ds, "Columns", 0) or 0)
-        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
         if rows <= 0 or cols <= 0:
             continue
+        frames = max(1, frames)
+        frames_total += frames
+        try:
+            check_frame_count(frames_total, name)
+            check_pixel_bytes(ds, f, frames, rows, cols)
+        except MedinferError as exc:
+            raise type(exc)(str(exc).replace(str(f), name)) from None
         readable += 1
         voxels += rows * cols * frames
         if voxels > limits.max_voxels:
@@ -363,20 +393,24 @@ def _check_dicom_files(files: list[Path], limits: Limits, name: str) -> int:
 
 # ------------------------------------------------------------------------ dispatch
 def sniff(path: Path) -> ScanKind | None:
-    """Decide the upload kind from magic bytes; ``None`` if unrecognised."""
+    """Decide the upload kind from magic bytes; ``None`` if unrecognised.
+
+    Zip archives are recognised here; everything else with the sniffer the readers use
+    (:mod:`medinfer.io.sniff`), so the server accepts exactly what ``medinfer.io.load``
+    and the CLI accept (e.g. DICOM without the 128-byte preamble).
+    """
+    from medinfer.io.sniff import looks_like_dicom, nifti_version
+
     with open(path, "rb") as fh:
         head = fh.read(544)
     if head.startswith(_GZIP_MAGIC):
         return ScanKind.NIFTI_GZ
     if head.startswith(_ZIP_MAGIC) or head.startswith(_ZIP_EMPTY):
         return ScanKind.DICOM_ZIP
-    if len(head) >= 132 and head[128:132] == b"DICM":
+    if nifti_version(head) is not None:
+        return ScanKind.NIFTI
+    if looks_like_dicom(head):
         return ScanKind.DICOM
-    if len(head) >= 348:
-        for endian in ("<", ">"):
-            (size,) = struct.unpack(endian + "i", head[:4])
-            if size in (348, 540):
-                return ScanKind.NIFTI
     return None
 
 
@@ -384,13 +418,32 @@ class UnsupportedFormatError(InvalidImageError):
     """The upload is none of NIfTI, NIfTI gz, DICOM zip or DICOM (HTTP 415)."""
 
 
+_ABS_PATH = re.compile(r"(?<![\w.])/[^\s:'\",;)]+")
+
+
+def redact_paths(message: str, name: str) -> str:
+    """``message`` with every absolute path replaced by ``name`` (the client's input
+    name): error messages sent to clients never show server paths."""
+    return _ABS_PATH.sub(name, message)
+
+
 def check_upload(path: Path, workdir: Path, limits: Limits, name: str = "upload") -> CheckedScan:
     """Check the saved upload at ``path``; unpack archives into ``workdir``.
 
     Returns a :class:`CheckedScan` whose ``path`` is a file or folder that
     :func:`medinfer.io.load` reads. Raises the errors listed in the module docstring and
-    :class:`UnsupportedFormatError` for unknown content.
+    :class:`UnsupportedFormatError` for unknown content; messages name ``name``, never
+    server paths.
     """
+    from medinfer.errors import MedinferError
+
+    try:
+        return _check_upload(path, workdir, limits, name)
+    except MedinferError as exc:
+        raise type(exc)(redact_paths(str(exc), name)) from None
+
+
+def _check_upload(path: Path, workdir: Path, limits: Limits, name: str) -> CheckedScan:
     size = path.stat().st_size
     if size > limits.max_upload_bytes:
         raise ResourceLimitError(f"{name}: {size} bytes; the limit is "
@@ -453,12 +506,12 @@ def load_checked(scan: CheckedScan, limits: Limits, name: str = "upload") -> Vol
 
     try:
         volume = load(scan.path)
-    except MedinferError:
-        raise
+    except MedinferError as exc:
+        raise type(exc)(redact_paths(str(exc), name)) from None
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, TypeError, KeyError,
             IndexError, struct.error, MemoryError) as exc:
-        raise InvalidImageError(f"{name}: cannot read the scan ({type(exc).__name__}: {exc})") \
-            from None
+        raise InvalidImageError(redact_paths(
+            f"{name}: cannot read the scan ({type(exc).__name__}: {exc})", name)) from None
     n = 1
     for s in volume.shape:
         n *= int(s)

@@ -1,0 +1,31 @@
+"""Issue 18.9, CLI: an existing file as ``-o`` and very long names give exit 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from fuzz_corpus import nifti_bytes
+
+from medinfer._atomic import write_bytes_atomic
+
+
+def test_18_9_output_that_is_a_file_exits_2_before_work(tmp_path: Path) -> None:
+    scan = tmp_path / "s.nii"
+    scan.write_bytes(nifti_bytes())
+    taken = tmp_path / "out"
+    taken.write_text("not a folder\n")
+    r = subprocess.run([sys.executable, "-m", "medinfer.cli", "predict", str(scan), "-o",
+                        str(taken), "--device", "cpu"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and "exists and is not a folder" in r.stderr
+    assert taken.read_text() == "not a folder\n"
+
+
+def test_18_9_long_names_keep_temporary_names_short(tmp_path: Path) -> None:
+    name = "c" * 230 + "_label.nii.gz"  # 243 characters: the temporary name must fit too
+    out = write_bytes_atomic(tmp_path / name, b"data")
+    assert out.read_bytes() == b"data"
+    assert [p.name for p in tmp_path.iterdir()] == [name]
