@@ -109,3 +109,34 @@ def test_bad_input_clear_errors_and_nothing_stored(tmp_path, orthanc, seg_model,
     with pytest.raises((GeometryError, InvalidImageError)):
         run_study(_pacs(orthanc), bad_study, str(seg_model), opts, device="cpu")
     assert len(_instances_of_study(orthanc, bad_study)) == before
+
+
+def test_watch_processes_each_series_once_and_survives_bad_ones(tmp_path, orthanc, seg_model,  # type: ignore[no-untyped-def]
+                                                                 caplog):
+    from medinfer.pacs.dicomweb import watch
+    from medinfer.pacs.state import NodeState
+
+    study, series = _upload(orthanc, ct_series(tmp_path / "ct", seed=8, shape=(32, 32, 8),
+                                               description="WATCH me"))
+    bad = ct_series(tmp_path / "bad", seed=9, shape=(32, 32, 6), description="WATCH bad")
+    ds0 = pydicom.dcmread(next(bad.iterdir()), stop_before_pixels=True)
+    ds = pydicom.dcmread(sorted(bad.iterdir())[0])
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # mixed orientation in one series
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(bad / "tilted.dcm")
+    bad_study, bad_series = _upload(orthanc, bad)
+    assert ds0.SeriesInstanceUID == bad_series
+    state_file = tmp_path / "watch.sqlite"
+    opts = default_options(str(seg_model))
+    for _ in range(2):  # the second run is a restart: nothing is processed again
+        watch(_pacs(orthanc), str(seg_model), opts, state_file, modality="CT",
+              description="^WATCH", max_polls=1, device="cpu", sleep=lambda s: None)
+    segs = [t for t in _instances_of_study(orthanc, study) if t["Modality"] == "SEG"]
+    assert len(segs) == 1
+    assert not [t for t in _instances_of_study(orthanc, bad_study) if t["Modality"] == "SEG"]
+    state = NodeState(state_file)
+    rows = {r["series_uid"]: r for r in state.rows()}
+    state.close()
+    assert rows[series]["status"] == "done"
+    assert rows[bad_series]["status"] == "failed" and rows[bad_series]["error"]
+    assert any(bad_series in r.getMessage() for r in caplog.records)
