@@ -183,24 +183,26 @@ def test_png_shows_the_finding_slices(batch: dict[str, Any]) -> None:
     from PIL import Image
 
     from medinfer.io import load
-    from medinfer.reporting.detection_figures import visualization_slices
+    from medinfer.reporting.detection_figures import visualization_planes
 
     for case in ("with", "none"):
         doc = _doc(batch, case)
         vol = load(batch["scans"] / f"{case}.nii.gz")
-        panels = visualization_slices(vol, doc["detections"], 6)
+        panels = visualization_planes(vol, doc["detections"], 6)
         with Image.open(batch["out"] / f"{case}_visualization.png") as im:
             desc = im.info["Description"]
             arr = np.asarray(im.convert("RGB"))
-        assert desc == "; ".join(f"{fid or '-'}:axis={a}:slice={i}" for a, i, fid in panels)
+        assert desc == "; ".join(f"{fid or '-'}:axial:S={z:.2f}" for z, fid in panels)
         assert arr.std() > 10  # not a blank image
         if case == "with":
-            assert [fid for _, _, fid in panels] == [d["name"] for d in doc["detections"][:6]]
-            for (axis, idx, fid), d in zip(panels, doc["detections"], strict=False):
+            assert [fid for _, fid in panels] == [d["name"] for d in doc["detections"][:6]]
+            for (z_mm, fid), d in zip(panels, doc["detections"], strict=False):
                 assert fid == d["name"]
-                assert idx == round(d["coordinates_voxel_continuous"][axis])
-            # the heat-map overlay (hot colormap: red-dominant pixels) is visible
-            red = (arr[..., 0] > 150) & (arr[..., 2] < 80)
+                assert z_mm == d["coordinates"][2]  # the axial plane through the finding
+            # the heat-map overlay (hot colormap: red-dominant pixels, not the yellow
+            # orientation letters) is visible
+            rgb = arr.astype(np.int16)
+            red = (rgb[..., 0] - rgb[..., 1] > 60) & (rgb[..., 0] - rgb[..., 2] > 60)
             assert red.sum() > 50
 
 

@@ -1,11 +1,13 @@
-"""Static figures of detection results: slice panels through findings, confidence histogram.
+"""Static figures of detection results: finding panels, key images, confidence histogram.
 
-Slices are taken on the **source grid** (no resampling): the voxel axis whose direction is
-closest to the world superior axis (RAS+ z) is the slicing axis ("axial-like"), and each
-finding is shown on the slice through its centre. Pixels are drawn with their true aspect
-ratio (spacing of the two in-plane axes). The heat map is overlaid with the configured
-matplotlib colormap and alpha (values below 0.05 transparent); each finding gets a circle of
-its equivalent diameter and its id.
+Panels are drawn by the one figure renderer, :mod:`medinfer.reporting.overlay`: axial
+planes cut in **world (RAS+) orientation** on an isotropic display grid, in the
+radiological convention (patient's right on the screen's left, anterior at the top), with
+orientation letters at the edges. A scan stored RAS, LPS, oblique or anisotropic therefore
+gives the same picture of the same finding. Each finding is shown on the axial plane
+through its centre (RAS+ ``coordinates``), with a circle of its equivalent diameter and
+its id; the heat map is overlaid with the configured matplotlib colormap and alpha
+(values below 0.05 transparent).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from medinfer._atomic import atomic_path
+from medinfer.reporting.overlay import DisplayGrid, display_grid, draw_edge_letters, sample_plane
 from medinfer.volume import Volume
 
 
@@ -31,35 +34,47 @@ def _plt() -> Any:
     return plt
 
 
-def slicing_axis(affine: np.ndarray) -> int:
-    """Voxel axis (0, 1, 2) most aligned with world S (RAS+ z)."""
-    a = np.asarray(affine, dtype=np.float64)[:3, :3]
-    dirs = a / np.linalg.norm(a, axis=0)
-    return int(np.argmax(np.abs(dirs[2])))
+def _centre_ras(volume: Volume, detection: dict[str, Any]) -> np.ndarray:
+    """RAS+ mm of a finding: its ``coordinates``, else its voxel position via the affine."""
+    if detection.get("coordinates") is not None:
+        return np.asarray(detection["coordinates"], dtype=np.float64)
+    vox = detection.get("coordinates_voxel_continuous", detection["coordinates_voxel"])
+    return np.asarray(volume.voxel_to_world([[float(v) for v in vox]])[0], dtype=np.float64)
 
 
-def visualization_slices(volume: Volume, detections: Sequence[dict[str, Any]],
-                         num_slices: int) -> list[tuple[int, int, str | None]]:
-    """The panels of the visualization PNG: ``(axis, slice index, finding id or None)``.
+def visualization_planes(volume: Volume, detections: Sequence[dict[str, Any]],
+                         num_slices: int) -> list[tuple[float, str | None]]:
+    """The panels of the visualization PNG: ``(S coordinate in mm, finding id or None)``.
 
-    One panel per finding (highest confidence first, at most ``num_slices``) through the
-    finding centre; without findings, ``num_slices`` evenly spaced slices through the
-    middle 80 % of the scan.
+    One axial panel per finding (highest confidence first, at most ``num_slices``)
+    through the finding centre; without findings, ``num_slices`` axial planes evenly
+    spaced through the middle 80 % of the scan's superior-inferior extent.
     """
-    axis = slicing_axis(volume.affine)
-    n = volume.spatial_shape[axis]
     if detections:
-        out: list[tuple[int, int, str | None]] = []
-        for d in list(detections)[:num_slices]:
-            idx = int(np.clip(round(float(d["coordinates_voxel"][axis])), 0, n - 1))
-            out.append((axis, idx, str(d.get("name", d["id"]))))
-        return out
-    idxs = np.linspace(0.1 * (n - 1), 0.9 * (n - 1), num_slices)
-    return [(axis, int(round(float(i))), None) for i in idxs]
+        return [(float(_centre_ras(volume, d)[2]), str(d.get("name", d["id"])))
+                for d in list(detections)[:num_slices]]
+    corners = volume.corners_world()
+    lo, hi = float(corners[:, 2].min()), float(corners[:, 2].max())
+    zs = np.linspace(lo + 0.1 * (hi - lo), lo + 0.9 * (hi - lo), num_slices)
+    return [(float(z), None) for z in zs]
 
 
-def _slice(arr: np.ndarray, axis: int, idx: int) -> np.ndarray:
-    return np.take(arr, idx, axis=axis)
+def _panel_grid(image: Volume, z_mm: float, centre: np.ndarray | None = None,
+                half_size_mm: float | None = None) -> DisplayGrid:
+    through = image.corners_world().mean(axis=0) if centre is None else centre.copy()
+    through[2] = z_mm
+    return display_grid(image, "axial", through=through, half_size_mm=half_size_mm)
+
+
+def _circle(ax: Any, grid: DisplayGrid, centre: np.ndarray, diameter_mm: float,
+            pad_px: float, label: str | None) -> None:
+    from matplotlib.patches import Circle
+
+    row, col = grid.pixel_of(centre)
+    radius = diameter_mm / 2.0 / grid.spacing + pad_px
+    ax.add_patch(Circle((col, row), radius, fill=False, edgecolor="cyan", linewidth=1.2))
+    if label is not None:
+        ax.text(col + radius + 2, row + radius + 2, label, color="cyan", fontsize=9)
 
 
 def write_visualization_png(
@@ -75,48 +90,38 @@ def write_visualization_png(
     dpi: int = 100,
     title: str = "",
 ) -> Path:
-    """Write ``<case>_visualization.png``: one panel per finding slice (see module doc).
+    """Write ``<case>_visualization.png``: one axial panel per finding (module docstring).
 
-    The PNG carries a ``Description`` text chunk listing the panels
-    (``"F01:axis=2:slice=40; ..."``) so tests and tools can check which slices are shown.
+    ``image`` and ``heatmap`` may be on any grids (RAS+ affines); both are sampled on the
+    same world-aligned display grid. The PNG carries a ``Description`` text chunk listing
+    the panels (``"F01:axial:S=-12.50; ..."``, S in mm) so tests and tools can check which
+    planes are shown.
     """
     plt = _plt()
-    panels = visualization_slices(image, detections, num_slices)
-    axis = panels[0][0]
-    in_plane = [a for a in range(3) if a != axis]
-    sp = image.spacing
-    img = np.asarray(image.array[0], dtype=np.float32)
-    heat = np.asarray(heatmap.array[0], dtype=np.float32)
+    panels = visualization_planes(image, detections, num_slices)
     ncol = min(3, len(panels))
     nrow = math.ceil(len(panels) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 4.2 * nrow + 0.4), dpi=dpi,
                              squeeze=False)
     cmap = plt.get_cmap(colormap)
     by_id = {str(d.get("name", d["id"])): d for d in detections}
-    for n, (ax_, idx, fid) in enumerate(panels):
+    for n, (z_mm, fid) in enumerate(panels):
         ax = axes[n // ncol][n % ncol]
-        s_img = _slice(img, ax_, idx).T  # rows = second in-plane axis
-        s_heat = _slice(heat, ax_, idx).T
-        aspect = float(sp[in_plane[1]] / sp[in_plane[0]])
-        ax.imshow(s_img, cmap="gray", vmin=window_hu[0], vmax=window_hu[1], origin="lower",
-                  aspect=aspect, interpolation="nearest")
+        grid = _panel_grid(image, z_mm)
+        s_img = np.nan_to_num(sample_plane(image, grid), nan=window_hu[0])
+        s_heat = sample_plane(heatmap, grid, fill=0.0)
+        ax.imshow(s_img, cmap="gray", vmin=window_hu[0], vmax=window_hu[1], aspect="equal",
+                  interpolation="nearest")
         masked = np.ma.masked_less(s_heat, 0.05)
-        ax.imshow(masked, cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha, origin="lower",
-                  aspect=aspect, interpolation="nearest")
-        label = f"slice {idx} (axis {ax_})"
+        ax.imshow(masked, cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha, aspect="equal",
+                  interpolation="nearest")
+        draw_edge_letters(ax, grid)
+        label = f"axial S {z_mm:.1f} mm"
         if fid is not None:
             d = by_id[fid]
-            cv = d.get("coordinates_voxel_continuous", d["coordinates_voxel"])
-            ci, cj = (float(cv[a]) for a in in_plane)
-            r_i = d["diameter_mm"] / 2.0 / sp[in_plane[0]]
-            r_j = d["diameter_mm"] / 2.0 / sp[in_plane[1]]
-            from matplotlib.patches import Ellipse
-
-            ax.add_patch(Ellipse((ci, cj), 2 * r_i + 4, 2 * r_j + 4, fill=False,
-                                 edgecolor="cyan", linewidth=1.2))
-            ax.text(ci + r_i + 3, cj + r_j + 3, fid, color="cyan", fontsize=9)
+            _circle(ax, grid, _centre_ras(image, d), float(d["diameter_mm"]), 2.0, fid)
             label = (f"{fid}: {d['diameter_mm']:.1f} mm, conf {d['confidence']:.2f}, "
-                     f"slice {idx}")
+                     f"S {z_mm:.1f} mm")
         ax.set_title(label, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -125,7 +130,7 @@ def write_visualization_png(
     fig.suptitle(title or ("no findings" if not detections else f"{len(detections)} finding(s)"),
                  fontsize=11)
     fig.tight_layout()
-    desc = "; ".join(f"{fid or '-'}:axis={a}:slice={i}" for a, i, fid in panels)
+    desc = "; ".join(f"{fid or '-'}:axial:S={z:.2f}" for z, fid in panels)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={"Description": desc})
     plt.close(fig)
@@ -135,27 +140,18 @@ def write_visualization_png(
 def finding_crops_png(path: str | os.PathLike[str], image: Volume,
                       detection: dict[str, Any], window_hu: tuple[float, float],
                       half_size_mm: float = 30.0, dpi: int = 100) -> Path:
-    """A small key image of one finding (slice through its centre, crop of +-30 mm)."""
+    """A key image of one finding: the axial plane through its centre, +-30 mm around it,
+    radiological with orientation letters (the renderer of :mod:`medinfer.reporting.overlay`).
+    """
     plt = _plt()
-    axis = slicing_axis(image.affine)
-    in_plane = [a for a in range(3) if a != axis]
-    sp = image.spacing
-    c = [float(v) for v in detection.get("coordinates_voxel_continuous",
-                                         detection["coordinates_voxel"])]
-    idx = int(np.clip(round(c[axis]), 0, image.spatial_shape[axis] - 1))
-    s = _slice(np.asarray(image.array[0], dtype=np.float32), axis, idx).T
-    lo = [max(0, int(c[a] - half_size_mm / sp[a])) for a in in_plane]
-    hi = [min(image.spatial_shape[a], int(c[a] + half_size_mm / sp[a]) + 1) for a in in_plane]
-    crop = s[lo[1]:hi[1], lo[0]:hi[0]]
+    centre = _centre_ras(image, detection)
+    grid = _panel_grid(image, float(centre[2]), centre, half_size_mm)
+    crop = np.nan_to_num(sample_plane(image, grid), nan=window_hu[0])
     fig, ax = plt.subplots(figsize=(2.4, 2.4), dpi=dpi)
-    ax.imshow(crop, cmap="gray", vmin=window_hu[0], vmax=window_hu[1], origin="lower",
-              aspect=float(sp[in_plane[1]] / sp[in_plane[0]]), interpolation="nearest")
-    from matplotlib.patches import Ellipse
-
-    r_i = detection["diameter_mm"] / 2.0 / sp[in_plane[0]]
-    r_j = detection["diameter_mm"] / 2.0 / sp[in_plane[1]]
-    ax.add_patch(Ellipse((c[in_plane[0]] - lo[0], c[in_plane[1]] - lo[1]), 2 * r_i + 3,
-                         2 * r_j + 3, fill=False, edgecolor="cyan", linewidth=1.0))
+    ax.imshow(crop, cmap="gray", vmin=window_hu[0], vmax=window_hu[1], aspect="equal",
+              interpolation="nearest")
+    _circle(ax, grid, centre, float(detection["diameter_mm"]), 1.5, None)
+    draw_edge_letters(ax, grid, fontsize=7)
     ax.set_title(str(detection.get("name", detection["id"])), fontsize=9)
     ax.axis("off")
     fig.tight_layout()

@@ -10,13 +10,21 @@ Display convention (radiological):
 - axial: seen from the feet; patient's right on the screen's left, anterior at the top;
 - coronal: seen from the front; patient's right on the screen's left, superior at the top;
 - sagittal: seen from the patient's left; anterior on the screen's left, superior at the top.
+
+This module is the one renderer of medinfer's figures: the ``--overlay`` PNG
+(:func:`save_overlay_png`) and the detection figures (``_visualization.png``, the PDF
+key images, :mod:`medinfer.reporting.detection_figures`) all sample their planes with
+:func:`display_grid` / :func:`sample_plane` and label them with :func:`draw_edge_letters`,
+so a scan looks the same whatever its storage order.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +50,126 @@ _EDGE_LETTERS = {
 }
 
 
+@dataclass(frozen=True)
+class DisplayGrid:
+    """A display plane: an isotropic pixel grid aligned with the RAS axes.
+
+    ``plane`` is ``"axial"``, ``"coronal"`` or ``"sagittal"``; the plane holds the world
+    coordinate ``fixed_mm`` on its normal axis. Pixel ``(row, col)`` lies at world
+    coordinate ``top_mm - row * spacing`` on the axis down the rows and ``left_mm - col *
+    spacing`` on the axis along the columns (radiological convention, module docstring).
+    """
+
+    plane: str
+    fixed_mm: float
+    top_mm: float
+    left_mm: float
+    n_rows: int
+    n_cols: int
+    spacing: float
+
+    @property
+    def axes(self) -> tuple[int, int, int]:
+        """(world axis held fixed, world axis down the rows, world axis along the columns)."""
+        return _PLANES[self.plane]
+
+    @property
+    def edge_letters(self) -> tuple[str, str, str, str]:
+        """Orientation letters at the (top, bottom, left, right) edges of the plane."""
+        top, bottom, left, right = _EDGE_LETTERS[self.plane]
+        return top, bottom, left, right
+
+    def world(self) -> np.ndarray:
+        """RAS+ mm of every pixel centre, ``(n_rows, n_cols, 3)`` float64."""
+        fixed, row_ax, col_ax = self.axes
+        out = np.empty((self.n_rows, self.n_cols, 3), dtype=np.float64)
+        out[..., fixed] = self.fixed_mm
+        out[..., row_ax] = (self.top_mm - self.spacing * np.arange(self.n_rows))[:, None]
+        out[..., col_ax] = (self.left_mm - self.spacing * np.arange(self.n_cols))[None, :]
+        return out
+
+    def pixel_of(self, point_ras: Sequence[float]) -> tuple[float, float]:
+        """(row, col) display pixel of a RAS+ point (mm), as floats (may be off-grid)."""
+        _, row_ax, col_ax = self.axes
+        p = [float(v) for v in point_ras]
+        return (self.top_mm - p[row_ax]) / self.spacing, (self.left_mm - p[col_ax]) / self.spacing
+
+
+def display_grid(
+    image: Volume,
+    plane: str,
+    *,
+    through: Sequence[float] | None = None,
+    spacing: float | None = None,
+    half_size_mm: float | None = None,
+) -> DisplayGrid:
+    """The display grid of one plane of ``image``.
+
+    Parameters
+    ----------
+    image : the scan (any orientation, oblique and anisotropic grids allowed).
+    plane : ``"axial"``, ``"coronal"`` or ``"sagittal"``.
+    through : RAS+ point (mm) the plane passes through; default the world centre of the
+        image's bounding box.
+    spacing : display pixel size in mm; default the smallest voxel size of ``image``,
+        enlarged if needed to keep at most :data:`MAX_DISPLAY_PIXELS` per side.
+    half_size_mm : if given, the plane covers ``through`` +- this many mm in both
+        in-plane directions (a crop, e.g. a key image of a finding); else the image's
+        whole world bounding box.
+
+    Raises
+    ------
+    GeometryError
+        Unknown ``plane``; ``spacing`` or ``half_size_mm`` not positive.
+    """
+    if plane not in _PLANES:
+        raise GeometryError(f"display plane: {plane!r}; accepted: {', '.join(_PLANES)}")
+    corners = image.corners_world()
+    lo, hi = corners.min(axis=0), corners.max(axis=0)
+    point = (lo + hi) / 2.0 if through is None else np.asarray(through, dtype=np.float64)
+    if half_size_mm is not None:
+        if not half_size_mm > 0:
+            raise GeometryError(
+                f"display half size: expected a positive number of mm, got {half_size_mm}"
+            )
+        lo, hi = point - half_size_mm, point + half_size_mm
+    extent = hi - lo
+    if spacing is None:
+        spacing = max(float(image.spacing.min()), float(extent.max()) / MAX_DISPLAY_PIXELS)
+    if not spacing > 0:
+        raise GeometryError(f"display spacing: expected a positive number of mm, got {spacing}")
+    fixed, row_ax, col_ax = _PLANES[plane]
+    return DisplayGrid(
+        plane=plane,
+        fixed_mm=float(point[fixed]),
+        top_mm=float(hi[row_ax]),  # top of screen = S or A
+        left_mm=float(hi[col_ax]),  # screen left = R (axial, coronal) or A (sagittal)
+        n_rows=int(np.floor(extent[row_ax] / spacing + 1e-9)) + 1,
+        n_cols=int(np.floor(extent[col_ax] / spacing + 1e-9)) + 1,
+        spacing=float(spacing),
+    )
+
+
+def sample_plane(volume: Volume, grid: DisplayGrid, *, nearest: bool = False,
+                 fill: float = np.nan) -> np.ndarray:
+    """Channel 0 of ``volume`` on ``grid``: ``(n_rows, n_cols)``.
+
+    Linear interpolation to float32 (``fill``, default NaN, outside the volume), or with
+    ``nearest`` nearest-neighbour sampling to int64 (label maps; 0 outside).
+    """
+    from scipy.ndimage import map_coordinates
+
+    inv = np.linalg.inv(volume.affine)
+    vox = grid.world() @ inv[:3, :3].T + inv[:3, 3]
+    coords = np.moveaxis(vox, -1, 0)
+    arr = np.asarray(volume.array[0])
+    if nearest:
+        return map_coordinates(arr, coords, order=0, mode="constant", cval=0,
+                               output=np.int64, prefilter=False)
+    return map_coordinates(arr, coords, order=1, mode="constant", cval=fill,
+                           output=np.float32, prefilter=False)
+
+
 def display_planes(
     image: Volume, label: Volume | None = None, *, spacing: float | None = None
 ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
@@ -64,49 +192,31 @@ def display_planes(
         ``label_2d`` is int64 of the same shape, or ``None`` without ``label``. Rows run
         from the top of the screen down, columns from left to right, in the
         radiological convention described in the module docstring. The planes pass
-        through the world centre of the image's bounding box.
+        through the world centre of the image's bounding box (:func:`display_grid`).
 
     Raises
     ------
     GeometryError
         ``spacing`` not positive.
     """
-    from scipy.ndimage import map_coordinates
-
-    corners = image.corners_world()
-    lo, hi = corners.min(axis=0), corners.max(axis=0)
-    centre = (lo + hi) / 2.0
-    extent = hi - lo
-    if spacing is None:
-        spacing = max(float(image.spacing.min()), float(extent.max()) / MAX_DISPLAY_PIXELS)
-    if not spacing > 0:
-        raise GeometryError(f"display spacing: expected a positive number of mm, got {spacing}")
-    img3 = np.asarray(image.array[0])
-    lab3 = None if label is None else np.asarray(label.array[0])
-    inv_img = np.linalg.inv(image.affine)
-    inv_lab = None if label is None else np.linalg.inv(label.affine)
     out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    for name, (fixed, row_ax, col_ax) in _PLANES.items():
-        n_rows = int(np.floor(extent[row_ax] / spacing)) + 1
-        n_cols = int(np.floor(extent[col_ax] / spacing)) + 1
-        rows = hi[row_ax] - spacing * np.arange(n_rows)  # top of screen = S or A
-        # columns start at R (axial, coronal) or A (sagittal): radiological display
-        cols = hi[col_ax] - spacing * np.arange(n_cols)
-        world = np.empty((n_rows, n_cols, 3), dtype=np.float64)
-        world[..., fixed] = centre[fixed]
-        world[..., row_ax] = rows[:, None]
-        world[..., col_ax] = cols[None, :]
-        vox = world @ inv_img[:3, :3].T + inv_img[:3, 3]
-        coords = np.moveaxis(vox, -1, 0)
-        plane = map_coordinates(img3, coords, order=1, mode="constant", cval=np.nan,
-                                output=np.float32, prefilter=False)
-        lab2 = None
-        if lab3 is not None and inv_lab is not None:
-            lvox = world @ inv_lab[:3, :3].T + inv_lab[:3, 3]
-            lab2 = map_coordinates(lab3, np.moveaxis(lvox, -1, 0), order=0, mode="constant",
-                                   cval=0, output=np.int64, prefilter=False)
+    for name in _PLANES:
+        grid = display_grid(image, name, spacing=spacing)
+        plane = sample_plane(image, grid)
+        lab2 = None if label is None else sample_plane(label, grid, nearest=True)
         out[name] = (plane, lab2)
     return out
+
+
+def draw_edge_letters(ax: Any, grid: DisplayGrid, *, color: str = "yellow",
+                      fontsize: int = 9) -> None:
+    """Write the orientation letters of ``grid`` at the edges of a matplotlib axes."""
+    top, bottom, left, right = grid.edge_letters
+    for x, y, text in ((0.5, 0.99, top), (0.5, 0.01, bottom), (0.01, 0.5, left),
+                       (0.99, 0.5, right)):
+        ax.text(x, y, text, color=color, fontsize=fontsize, transform=ax.transAxes,
+                ha="center" if x == 0.5 else ("left" if x < 0.5 else "right"),
+                va="center" if y == 0.5 else ("top" if y > 0.5 else "bottom"))
 
 
 def _window(planes: Mapping[str, tuple[np.ndarray, np.ndarray | None]]) -> tuple[float, float]:
@@ -226,12 +336,7 @@ def save_overlay_png(
                   interpolation="nearest", aspect="equal")
         ax.set_axis_off()
         ax.set_title(name, color="white", fontsize=10)
-        top, bottom, left, right = _EDGE_LETTERS[name]
-        for x, y, text in ((0.5, 0.99, top), (0.5, 0.01, bottom), (0.01, 0.5, left),
-                           (0.99, 0.5, right)):
-            ax.text(x, y, text, color="yellow", fontsize=9, transform=ax.transAxes,
-                    ha="center" if x == 0.5 else ("left" if x < 0.5 else "right"),
-                    va="center" if y == 0.5 else ("top" if y > 0.5 else "bottom"))
+        draw_edge_letters(ax, display_grid(image, name))
         if lab is not None:
             present.update(int(v) for v in np.unique(lab) if v != 0)
     values = sorted((set(colors) | present) - {0})
