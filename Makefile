@@ -30,7 +30,7 @@ $(STAMP_TEST): pyproject.toml $(STAMP_DEMO)
 install: $(STAMP_TEST)
 
 demo: $(STAMP_DEMO)
-	$(VENV)/bin/medinfer predict samples/t1_sample.nii.gz -o outputs/demo --overlay
+	$(VENV)/bin/medinfer predict samples/t1_sample.nii.gz -o outputs/demo --overlay --overwrite
 
 test: $(STAMP_TEST)
 	scripts/ensure_test_tools.sh
