@@ -227,8 +227,12 @@ def test_cancel_a_job(http: httpx.Client, scan: Path) -> None:
 # ------------------------------------------------------------------------ websocket
 def _check_events(events: list[dict[str, Any]]) -> None:
     assert events, "no events"
-    order = {"queued": 0, "running": 1, "succeeded": 2}
+    # the last event follows the PIVOT stream contract: status "completed", top-level
+    # detections; the job status stays in job_status
+    order = {"queued": 0, "running": 1, "succeeded": 2, "completed": 2}
     ranks = [order[e["status"]] for e in events]
+    assert events[-1]["status"] == "completed" and events[-1]["job_status"] == "succeeded"
+    assert isinstance(events[-1]["detections"], list)
     assert ranks == sorted(ranks), [e["status"] for e in events]
     progress = [e["progress"] for e in events]
     assert progress == sorted(progress), progress

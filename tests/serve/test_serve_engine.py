@@ -41,10 +41,16 @@ def test_detection_model_summary_has_detections_and_heatmap(tmp_path: Path) -> N
     assert steps and all(0 <= f <= 1 for f in steps) and steps == sorted(steps)
     assert pred.heatmap is not None and pred.heatmap.spatial_shape == crop.shape
     assert pred.detections, "the inserted lesion should be found"
-    summary, files = write_outputs(pred, tmp_path / "out", parse_job_config(None))
-    assert files == ["label.nii.gz", "heatmap.nii.gz", "detections.json", "summary.json"]
-    assert summary["detections"] == json.loads(
-        (tmp_path / "out" / "detections.json").read_text())["detections"]
+    summary, files = write_outputs(pred, tmp_path / "out", parse_job_config(None),
+                                   image=load(tmp_path / "ct.nii.gz"), scan_id="ct")
+    assert files == ["label.nii.gz", "heatmap.nii.gz", "detections.json", "detections.csv",
+                     "visualization.png", "report.pdf", "summary.json"]
+    doc = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert summary["detections"] == doc["detections"]
+    # the CLI's document: scan id, grid, summary with the PIVOT counts
+    assert doc["scan_id"] == "ct" and doc["metadata"]["shape"] == list(crop.shape)
+    assert doc["summary"]["num_detections"] == len(pred.detections)
+    assert {"high_risk_count", "low_risk_count"} <= set(doc["summary"])
     near = min(np.linalg.norm(np.array(d["coordinates"]) - (aff @ [32, 30, 24, 1])[:3])
                for d in pred.detections)
     assert near < 3.0

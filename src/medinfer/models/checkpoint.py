@@ -35,7 +35,7 @@ from medinfer.models.loaders import (
     resolve_model,
 )
 
-__all__ = ["default_detection_card", "is_weights_file", "open_checkpoint"]
+__all__ = ["default_detection_card", "is_weights_file", "open_checkpoint", "resolve_checkpoint"]
 
 #: suffixes of weights files (anything else that is a file must be a model.yaml)
 WEIGHT_SUFFIXES = (".pt", ".pth", ".ckpt", ".ts", ".torchscript", ".bin", ".tar")
@@ -162,3 +162,52 @@ def open_checkpoint(
 
 def _kw(kwargs: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def resolve_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    *,
+    architecture: str | None = None,
+    architecture_kwargs: dict[str, Any] | None = None,
+) -> tuple[ModelCard, Path]:
+    """Card and model folder for ``checkpoint``, for :func:`medinfer.models.load_model`.
+
+    A model folder, ``model.yaml`` or bundled name: :func:`medinfer.models.resolve_model`.
+    A weights file: the ``model.yaml`` in the same folder gives the card (its
+    ``architecture`` builds a state dict unless ``architecture`` is given), else
+    :func:`default_detection_card`; ``weights`` become that file (format detected:
+    TorchScript archive or state dict); the folder is the file's folder.
+
+    Raises
+    ------
+    ModelError
+        No such file / name; a state dict with no architecture known (what was tried is
+        listed); an invalid ``model.yaml`` beside the file.
+    """
+    text = os.fspath(checkpoint)
+    p = Path(text)
+    if not is_weights_file(p):
+        if p.suffix.lower() in WEIGHT_SUFFIXES and not p.exists():
+            raise ModelError(f"checkpoint {text!r}: no such file")
+        return resolve_model(text)
+    beside = p.parent / "model.yaml"
+    base = ModelCard.from_yaml(beside) if beside.is_file() else default_detection_card(p.stem)
+    if _is_torchscript(p):
+        return _with_weights(base, p, "torchscript", None), p.parent.resolve()
+    arch: dict[str, Any] | None = None
+    if architecture is not None:
+        from medinfer.errors import parse_enum
+
+        net = parse_enum(Network, architecture, "model.architecture")
+        arch = {"network": net.value, "kwargs": dict(architecture_kwargs or {})}
+    elif base.architecture is not None:
+        arch = {"network": base.architecture.network.value,
+                "kwargs": dict(base.architecture.kwargs)}
+    if arch is None:
+        allowed = ", ".join(m.value.lower() for m in Network)
+        card_note = "has no architecture" if beside.is_file() else "none found"
+        raise ModelError(
+            f"checkpoint {p}: cannot be matched to an architecture; tried: TorchScript (not a "
+            f"torch.jit.save archive); model.yaml beside it ({card_note}); a state dict needs "
+            f"an architecture (one of {allowed}) with its kwargs")
+    return _with_weights(base, p, "state_dict", arch), p.parent.resolve()

@@ -40,7 +40,9 @@ def serve(
                              queue_limit=queue_limit)
     app = create_app(settings)
     uvicorn.run(app, host=host, port=port, log_level=log_level,
-                ws_max_size=16 * 1024 * 1024, timeout_graceful_shutdown=10)
+                # a scan up to the upload limit fits in one WebSocket message
+                ws_max_size=max(16 * 1024 * 1024, settings.max_upload_bytes + 65536),
+                timeout_graceful_shutdown=10)
 
 
 def ui(

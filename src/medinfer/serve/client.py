@@ -152,18 +152,21 @@ class InferenceClient:
         return write_bytes_atomic(output_path, resp.content)
 
     # -------------------------------------------------------------------- jobs
-    def submit_inference(self, scan: str | os.PathLike[str],
-                         config: str | os.PathLike[str] | Mapping[str, Any] | None = None
-                         ) -> str:
+    def submit_inference(self, scan: str | os.PathLike[str] | None = None,
+                         config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+                         *, scan_path: str | os.PathLike[str] | None = None) -> str:
         """Submit a scan as a job (``POST /api/v1/inference``); returns the job id.
 
-        ``config`` is a YAML file path or a mapping (``threshold``,
-        ``save_probabilities``, ``detection``). A full queue (429) is retried
-        ``max_retries`` times after ``Retry-After``.
+        ``scan`` (or ``scan_path``, the PIVOT name) is the scan file. ``config`` is a YAML
+        file path (medinfer job keys, or a PIVOT ``inference.yaml``) or a mapping
+        (``threshold``, ``save_probabilities``, ``detection``). A full queue (429) is
+        retried ``max_retries`` times after ``Retry-After``.
         """
         import yaml
 
-        p = Path(scan)
+        if (scan is None) == (scan_path is None):
+            raise TypeError("submit_inference: give the scan as scan or scan_path (one of them)")
+        p = Path(scan if scan is not None else scan_path)  # type: ignore[arg-type]
         cfg: bytes | None = None
         if isinstance(config, Mapping):
             cfg = yaml.safe_dump(dict(config)).encode()
@@ -197,15 +200,29 @@ class InferenceClient:
         """``DELETE /api/v1/inference/{id}``."""
         return self._request("DELETE", f"/api/v1/inference/{self._job(job_id)}").json()
 
-    def wait_for_results(self, timeout: float = 600.0, job_id: str | None = None,
+    def wait_for_results(self, job_or_timeout: str | float | None = None,
+                         timeout: float | None = None, job_id: str | None = None,
                          poll_interval: float = 0.25) -> dict[str, Any]:
         """Poll the job until it ends; return its results.
+
+        Both call styles work: ``wait_for_results(job_id, timeout=300)`` (PIVOT) and
+        ``wait_for_results(timeout=300, job_id=...)`` / ``wait_for_results(300)``; without a
+        job id the last submitted job is used. ``timeout`` defaults to 600 s.
 
         Raises
         ------
         TimeoutError : not finished within ``timeout`` seconds.
         JobFailedError : the job ended ``failed`` / ``cancelled`` / ``expired``.
         """
+        if isinstance(job_or_timeout, str):
+            if job_id is not None and job_id != job_or_timeout:
+                raise TypeError("wait_for_results: two different job ids given")
+            job_id = job_or_timeout
+        elif job_or_timeout is not None:
+            if timeout is not None:
+                raise TypeError("wait_for_results: timeout given twice")
+            timeout = float(job_or_timeout)
+        timeout = 600.0 if timeout is None else float(timeout)
         jid = self._job(job_id)
         deadline = time.monotonic() + timeout
         interval = max(0.01, poll_interval)
@@ -223,15 +240,31 @@ class InferenceClient:
             time.sleep(interval)
             interval = min(interval * 1.5, 2.0)
 
-    def download_results(self, output_dir: str | os.PathLike[str],
+    def download_results(self, first: str | os.PathLike[str] | None = None,
+                         output_dir: str | os.PathLike[str] | None = None,
                          job_id: str | None = None) -> list[Path]:
         """Download every result file of a succeeded job into ``output_dir``.
 
+        Both call styles work: ``download_results(job_id, output_dir="results/")`` (PIVOT)
+        and ``download_results("results/", job_id)``: a first argument that is a job id
+        (32 hex digits, not an existing path) is the job, otherwise the folder.
         Returns the written paths. Names come from the server but are checked (a plain
         file name, no folders); each file is written atomically.
         """
         from medinfer._atomic import atomic_path
 
+        if first is not None:
+            text = os.fspath(first)
+            if re.fullmatch(r"[0-9a-f]{32}", text) and not Path(text).exists():
+                if job_id is not None and job_id != text:
+                    raise TypeError("download_results: two different job ids given")
+                job_id = text
+            elif output_dir is None:
+                output_dir = first
+            else:  # download_results(folder, job_id) positionally
+                job_id, output_dir = os.fspath(output_dir), first
+        if output_dir is None:
+            raise TypeError("download_results: output_dir is required")
         jid = self._job(job_id)
         res = self.results(jid)
         out = Path(output_dir)
