@@ -93,6 +93,7 @@ class Predictor:
     batch_size : windows per network call; ``None`` = the card's.
     save_probabilities : keep the float32 probability Volume ``(K, I, J, K)`` on the
         source grid in ``Prediction.probabilities``.
+    amp : float16 autocast for the network on CUDA (default on; no effect on CPU).
     force : run scans that do not fit the card's input contract even when the card says
         ``input.mismatch: refuse`` (:mod:`medinfer.inference.contract`; a warning is
         logged either way).
@@ -113,6 +114,7 @@ class Predictor:
         batch_size: int | None = None,
         save_probabilities: bool = False,
         force: bool = False,
+        amp: bool = True,
     ) -> None:
         from medinfer.errors import ConfigError
         from medinfer.models.loaders import resolve_device
@@ -138,6 +140,7 @@ class Predictor:
             raise ConfigError(f"batch_size: expected >= 1, got {self.batch_size}")
         self.save_probabilities = save_probabilities
         self.force = force
+        self.amp = amp
 
     # ------------------------------------------------------------------ stages
     def preprocess(self, volume: Volume) -> tuple[Volume, SpatialRecord]:
@@ -178,7 +181,7 @@ class Predictor:
             x, self.model, inf.patch_size, overlap=self.overlap, blending=inf.blending.value,
             sigma_scale=inf.sigma_scale, batch_size=self.batch_size, mode=inf.mode.value,
             tta_axes=self.tta_axes, device=self.device, size_divisible=inf.size_divisible,
-            progress=progress,
+            progress=progress, amp=self.amp,
         )
         k = int(logits.shape[1])
         if k != self.card.num_classes:
