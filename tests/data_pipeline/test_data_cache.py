@@ -178,3 +178,14 @@ def test_killed_build_is_completed_by_the_next_run(tmp_path):
         if e.study != "ct99":
             assert cm.load_image(e.study, e.image).shape[0] in (1, 3)
     assert cm.get_cache_stats()["missing"] == 0
+
+
+def test_workers_that_cannot_start_fall_back_to_in_process(data_dir, monkeypatch):
+    import medinfer.data._cache_pool as pool
+
+    def no_worker(self):
+        raise OSError("no interpreter")
+
+    monkeypatch.setattr(pool._Worker, "__init__", no_worker)
+    report = CacheManager(data_dir).build_cache(num_workers=2)
+    assert (report.built, report.unusable, report.failed) == (6, 1, {})

@@ -8,12 +8,14 @@ BLAS threads exist. Here each worker is a fresh ``python -m medinfer.data._cache
 interpreter that imports medinfer only. The parent sends one task per line (JSON) on the
 worker's stdin and reads one result line from a private pipe (the worker's stdout is
 redirected to its stderr, so stray prints cannot corrupt the protocol). A worker that dies
-fails only the image it was working on; a new worker takes the next image.
+fails only the image it was working on; a new worker takes the next image. If no worker
+can be started at all (no usable ``sys.executable``), the images are built in-process.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import subprocess
@@ -26,6 +28,8 @@ from typing import IO, Any
 
 from medinfer.data.metadata import ImageEntry
 from medinfer.data.prepare import PrepareConfig
+
+log = logging.getLogger(__name__)
 
 
 def config_from_dict(d: dict[str, Any]) -> PrepareConfig:
@@ -99,14 +103,24 @@ def run_pool(
 
     def drive() -> None:
         worker: _Worker | None = None
+        in_process = False
         while True:
             try:
                 entry, stem = todo.get_nowait()
             except queue.Empty:
                 break
             try:
+                if worker is None and not in_process:
+                    try:
+                        worker = _Worker()
+                    except OSError as exc:  # no interpreter to start: build here instead
+                        log.warning("cannot start a cache worker (%s); building in-process", exc)
+                        in_process = True
                 if worker is None:
-                    worker = _Worker()
+                    from medinfer.data.cache import build_one
+
+                    results.put((entry, *build_one(data_dir, entry, config, force, stem)))
+                    continue
                 reply = worker.ask(
                     {
                         "data_dir": data_dir,
