@@ -138,9 +138,11 @@ def test_single_patient_lines(work: Path, argv: list[str]) -> None:
 
 
 def test_custom_paths_line(work: Path) -> None:
+    """``... --predictions ... --output outputs/custom_masks --inference_dir data/inference``
+    through ``python -m medinfer slices reconstruct``."""
     _fresh(work)
     r = _run(
-        work, sys.executable, "-m", "medinfer.slices", "reconstruct",
+        work, sys.executable, "-m", "medinfer", "slices", "reconstruct",
         "--predictions", "outputs/inference/predictions", "--output", "outputs/custom_masks",
         "--inference_dir", "data/inference",
     )  # fmt: skip

@@ -221,8 +221,9 @@ def rasterize_slice(
 
 # ---------------------------------------------------------------- finding inputs
 def _looks_like_dicom_dir(folder: Path, limit: int = 50) -> bool:
-    """True if one of the first ``limit`` files in ``folder`` is DICOM (suffix or preamble)."""
-    for n, child in enumerate(folder.iterdir()):
+    """True if one of the first ``limit`` entries under ``folder`` (recursive, so a series
+    in a sub-folder counts) is a DICOM file (suffix or preamble)."""
+    for n, child in enumerate(folder.rglob("*")):
         if n >= limit:
             break
         if not child.is_file():
