@@ -318,7 +318,8 @@ def run_predict(
         if model is not None or config is None:
             card, _ = resolve_model(model or DEFAULT_MODEL)
         if config is not None or (card is not None and card.task is Task.DETECTION):
-            _delegate_detection(inputs, model, config, output_dir, device, overrides)
+            _delegate_detection(inputs, model, config, output_dir, device, overrides,
+                                console=out, verbose=verbose)
             if card is not None:
                 from medinfer.io.dicom_export import detection_cases, write_detection_outputs
 
@@ -355,10 +356,28 @@ def run_predict(
 
 
 def _delegate_detection(inputs: list[Path], model: str | None, config: Path | None,
-                        output_dir: Path, device: str, overrides: dict[str, Any]) -> None:
+                        output_dir: Path, device: str, overrides: dict[str, Any],
+                        console: Console | None = None, verbose: bool = False) -> None:
+    """Run the detection pipeline; print each case's findings and outputs, then totals."""
+    from rich.console import Console
+
     from medinfer.detection import predict_detection
 
-    predict_detection(inputs, model, config, output_dir, device, overrides)
+    out = console or Console()
+
+    def on_case(row: dict[str, Any]) -> None:
+        outputs = row.get("outputs") or {}
+        names = ", ".join(sorted(Path(str(p)).name for p in outputs.values()))
+        timing = (f" in {row['processing_time_seconds']:.1f} s"
+                  if verbose and row.get("processing_time_seconds") is not None else "")
+        out.print(f"{row.get('scan_id')}: {row.get('num_detections', 0)} finding(s){timing} "
+                  f"-> {names}", markup=False, highlight=False)
+
+    summary = predict_detection(inputs, model, config, output_dir, device, overrides,
+                                on_case=on_case)
+    out.print(f"{summary.get('num_scans', 0)} scan(s), {summary.get('total_detections', 0)} "
+              f"finding(s); outputs in {Path(output_dir).resolve()}", markup=False,
+              highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,34 @@
+"""``medinfer predict`` with a detection model reports what it did (issue 17 item 11):
+per case the number of findings and the files written, then the totals; ``-v`` adds the
+time per case. It used to print nothing on success."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medinfer.cli import main
+
+CT = Path(__file__).resolve().parents[1] / "data" / "slices" / "ct_head_3mm.nii.gz"
+
+
+def test_detection_run_prints_findings_and_outputs(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    img = nib.load(str(CT))
+    crop = np.asanyarray(img.dataobj)[8:32, 10:34, 8:32]
+    nib.save(nib.Nifti1Image(crop, img.affine), str(tmp_path / "head.nii.gz"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        main(["predict", str(tmp_path / "head.nii.gz"), "--model", "demo-nodules", "-o",
+              str(out), "--device", "cpu", "-v"])
+    assert info.value.code in (0, None)
+    text = " ".join(capsys.readouterr().out.split())
+    written = sorted(p.name for p in out.iterdir() if p.name.startswith("head_"))
+    assert "head_detections.json" in written
+    assert "head: " in text and " finding(s) in " in text  # -v: time per case
+    for name in written:
+        assert name in text
+    assert "1 scan(s)," in text and str(out.resolve()) in text
