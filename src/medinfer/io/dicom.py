@@ -103,7 +103,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medinfer.errors import (
@@ -162,6 +162,7 @@ _PARSE_ERRORS: tuple[type[BaseException], ...] = (
     OverflowError,
     RuntimeError,
     zlib.error,
+    BytesLengthException,
 )
 
 
@@ -486,11 +487,11 @@ def read_dicom(
     rows, cols = _frame_size(frames[0].entry)
     out_dtype = _output_dtype(frames)
     check_array_size((cols, rows, len(frames)), out_dtype.itemsize, str(p), max_bytes)
-    array_kji, bad = _read_pixels(
+    array_kji, undecoded = _read_pixels(
         frames, rows, cols, out_dtype, max_bytes, str(p), skip_bad=allow_missing_slices
     )
-    if bad:  # allow_missing_slices: drop the files whose pixels cannot be decoded
-        keep = [k for k, f in enumerate(frames) if f.entry.path not in bad]
+    if undecoded:  # allow_missing_slices: drop the files whose pixels cannot be decoded
+        keep = [k for k, f in enumerate(frames) if f.entry.path not in undecoded]
         if not keep:
             raise InvalidImageError(f"{p}: no file of the series could be decoded")
         frames = [frames[k] for k in keep]
@@ -499,8 +500,8 @@ def read_dicom(
         )
         frames = [frames[i] for i in order2]
         array_kji = array_kji[np.asarray(keep)[order2]]
-        chosen = [e for e in chosen if e.path not in bad]
-        skipped.extend((path, why) for path, why in bad.items())
+        chosen = [e for e in chosen if e.path not in undecoded]
+        skipped.extend(undecoded.items())
     for path, why in skipped:
         log.warning("%s: skipped (allow_missing_slices): %s", path, why)
     array_kji = _narrow(array_kji)
@@ -553,8 +554,8 @@ def _unreadable_of_series(
             mine.append((path, f"SOP class {cls or '?'} without Rows/Columns: the header "
                                "is cut short or damaged"))
     for path, why in report.unreadable:
-        other = _series_uid_of_unreadable(path)
-        if other is None or other == uid or other not in groups:
+        found = _series_uid_of_unreadable(path)
+        if found is None or found == uid or found not in groups:
             mine.append((path, why))
     if mine and not allow:
         path, why = mine[0]

@@ -210,9 +210,11 @@ def plan_case_outputs(out_dir: Path, name: str, case_path: Path, dicom_input: bo
             from medinfer.io.dicom_seg import load_source_datasets
 
             read = set(volume.meta.get("sop_instance_uids") or [])
-            source = [d for d in load_source_datasets(source, series_uid)
-                      if str(d.get("SOPInstanceUID", "")) in read]
-        ordered, geom = source_grid(source, series_uid)
+            kept = [d for d in load_source_datasets(source, series_uid)
+                    if str(d.get("SOPInstanceUID", "")) in read]
+            ordered, geom = source_grid(kept, series_uid)
+        else:
+            ordered, geom = source_grid(source, series_uid)
         if not dicom_input:  # --dicom-reference: same grid, checked before anything is written
             on_source_grid(np.zeros(pred.label.spatial_shape, np.uint8), pred.label.affine,
                            geom, f"--dicom-reference {source}")

@@ -88,7 +88,7 @@ class DisplayGrid:
         out[..., col_ax] = (self.left_mm - self.spacing * np.arange(self.n_cols))[None, :]
         return out
 
-    def pixel_of(self, point_ras: Sequence[float]) -> tuple[float, float]:
+    def pixel_of(self, point_ras: Sequence[float] | np.ndarray) -> tuple[float, float]:
         """(row, col) display pixel of a RAS+ point (mm), as floats (may be off-grid)."""
         _, row_ax, col_ax = self.axes
         p = [float(v) for v in point_ras]
@@ -99,7 +99,7 @@ def display_grid(
     image: Volume,
     plane: str,
     *,
-    through: Sequence[float] | None = None,
+    through: Sequence[float] | np.ndarray | None = None,
     spacing: float | None = None,
     half_size_mm: float | None = None,
 ) -> DisplayGrid:
