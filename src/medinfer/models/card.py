@@ -329,7 +329,12 @@ class ModelCard(_Strict):
     architecture : :class:`ArchitectureSpec`, required when ``weights.format`` is
         ``state_dict``.
     provenance : free mapping (training data, script, command, date, authors).
-    license : licence of the weights (SPDX identifier or text).
+    license : licence of the weights (SPDX identifier or text); ``licence`` is accepted
+        as its spelling in the UNet3D model card.
+    maintainers : who to contact (names, e-mails or mappings), shown at ``/v1/models``.
+    serving : free mapping describing the service (app, port, endpoint), shown as is.
+    training : free mapping of training settings (``early_stopping: {patience: N}`` ...);
+        see :attr:`early_stopping_patience`.
     """
 
     name: str = Field(min_length=1, max_length=100)
@@ -344,6 +349,32 @@ class ModelCard(_Strict):
     architecture: ArchitectureSpec | None = None
     provenance: dict[str, Any] = Field(default_factory=dict)
     license: str = ""
+    maintainers: list[Any] = Field(default_factory=list)
+    serving: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _licence(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "licence" in data:
+            data = dict(data)
+            value = data.pop("licence")
+            if "license" in data and data["license"] != value:
+                raise ValueError("licence and license differ; give one")
+            data["license"] = value
+        return data
+
+    @field_validator("maintainers", mode="before")
+    @classmethod
+    def _maintainers(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (str, dict)) else value
+
+    @property
+    def early_stopping_patience(self) -> int | None:
+        """``training.early_stopping.patience`` (or ``training.patience``), if given."""
+        es = self.training.get("early_stopping")
+        value = es.get("patience") if isinstance(es, dict) else self.training.get("patience")
+        return int(value) if isinstance(value, int | float) else None
 
     _task = field_validator("task", mode="before")(_enum_validator(Task, "task"))
 
