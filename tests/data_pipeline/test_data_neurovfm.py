@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from dp_helpers import head_phantom, rotation, save_nifti, write_ct_series_lps
+from dp_helpers import head_phantom, reframe, rotation, save_nifti, write_ct_series_lps
 
 from medinfer.data import CacheManager, DatasetMetadata, PrepareConfig, prepare_for_inference
 from medinfer.data.cache import CacheBuildError
@@ -362,3 +362,24 @@ def test_values_in_unit_range_for_every_input_type(tmp_path: Path, mode: str) ->
     for name in ("nibabel", "sitk"):
         for a, b in zip(results[name], results["path"], strict=True):
             np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4, err_msg=name)
+
+
+def test_load_image_preprocess_flag_and_wrong_input_types(tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    from medinfer.data import load_image
+    from medinfer.errors import InvalidImageError
+
+    arr, aff, _ = head_phantom((30, 34, 12), (0.9, 1.3, 3.3))
+    a, f = reframe(arr, aff, (2, 0, 1), (True, True, False))  # stored as SLP
+    path = save_nifti(a, rotation(10, -5, 8) @ f, tmp_path / "slp.nii.gz")
+    stored = load_image(path, preprocess=False)
+    rpi = load_image(path, preprocess=True)
+    assert stored.orientation != "RPI" and rpi.orientation == "RPI"
+    assert load_image(path).orientation == "RPI"  # preprocess=True is the default
+    # the same voxels, only permuted / flipped: same world position of every voxel value
+    assert np.array_equal(np.sort(stored.array.ravel()), np.sort(rpi.array.ravel()))
+    with pytest.raises(InvalidImageError, match="Image is not a path"):
+        load_image(sitk.ReadImage(str(path)))
+    with pytest.raises(InvalidImageError, match="not an image; pass a path"):
+        prepare_for_inference(object(), mode="ct")
