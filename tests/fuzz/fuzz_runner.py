@@ -3,8 +3,9 @@
 A few long-lived workers (``python fuzz_runner.py --worker``) each set ``RLIMIT_AS`` to
 their start-up size plus ``mem_mb`` MiB, then read ``target<TAB>path`` lines and answer
 one JSON line per input: ``outcome`` (``ok`` | ``clean`` = a ``medinfer.errors`` type |
-``other`` = any other exception), ``type``, ``finite`` (array and affine of an ``ok``
-result are finite), ``seconds`` and ``maxrss_mb``. The parent gives each input
+``other`` = any other exception), ``type``, ``finite`` (the affine of an ``ok`` result is
+finite, and so is its array unless the file stores floats: NaN stored in a float image
+is content, passed through), ``seconds`` and ``maxrss_mb``. The parent gives each input
 ``timeout_s``; a worker that does not answer in time is killed (outcome ``hang``), one
 that dies is restarted (outcome ``died``, e.g. killed by the memory limit). Targets:
 ``io`` (:func:`medinfer.io.load`) and ``data`` (:func:`medinfer.data.prepare.load_image`).
@@ -174,8 +175,12 @@ def _worker_main(mem_mb: int) -> None:
         try:
             vol = load(path) if target == "io" else load_image(path)
             arr = np.asarray(vol.array)
+            # NaN / inf stored in a float image are its content and pass through; any
+            # non-finite value medinfer produced (scaling integers, geometry) counts
+            stored = str(vol.meta.get("nifti", {}).get("datatype", ""))
             rec["finite"] = bool(np.all(np.isfinite(vol.affine))) and (
-                arr.dtype.kind not in "fc" or bool(np.all(np.isfinite(arr)))
+                arr.dtype.kind not in "fc" or stored.startswith("float")
+                or bool(np.all(np.isfinite(arr)))
             )
             del vol, arr
         except MedinferError as exc:

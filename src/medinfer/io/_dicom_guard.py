@@ -70,21 +70,20 @@ def dcmread_bounded(
         As :func:`pydicom.dcmread` (the callers map them to ``InvalidImageError``).
     """
     p = Path(path)
+    # no deferred reading: a deferred element is re-read later from the file name, outside
+    # the clamped reader, and a corrupt length would then allocate up to 4 GiB
+    del defer_size
     with _ClampedReader(io.FileIO(str(p), "rb")) as fp:
         head = fp.read(1 << 16)
         if DEFLATED_TS.encode() not in head:
             fp.seek(0)
-            return pydicom.dcmread(
-                fp, stop_before_pixels=stop_before_pixels, force=force, defer_size=defer_size
-            )
+            return pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, force=force)
         fp.seek(0)
         preamble = read_preamble(fp, force)
         meta = _read_file_meta_info(fp)
         if str(meta.get("TransferSyntaxUID", "")).strip("\x00 ") != DEFLATED_TS:
             fp.seek(0)
-            return pydicom.dcmread(
-                fp, stop_before_pixels=stop_before_pixels, force=force, defer_size=defer_size
-            )
+            return pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, force=force)
         data = inflate_capped(fp, resolve_max_unpacked_bytes(), str(p))
     buf = DicomBytesIO(data)
     del data

@@ -56,7 +56,7 @@ def read_dicom_result(
     InvalidImageError
         An unreadable file of one of those kinds.
     """
-    from pydicom.errors import InvalidDicomError
+    from pydicom.errors import BytesLengthException, InvalidDicomError
 
     p = Path(path)
     from medinfer.io._dicom_guard import dcmread_bounded
@@ -69,7 +69,7 @@ def read_dicom_result(
         raise
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError,
             IndexError, AttributeError, NotImplementedError, OverflowError,
-            struct.error, zlib.error) as exc:
+            struct.error, zlib.error, BytesLengthException) as exc:
         raise InvalidImageError(f"{p}: not a readable DICOM file ({exc})") from None
     kind = _KINDS.get(str(head.get("SOPClassUID", "")))
     if kind is None:

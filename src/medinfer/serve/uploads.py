@@ -349,7 +349,7 @@ def extract_zip(path: Path, target: Path, limits: Limits, name: str = "upload") 
 
 
 def _check_dicom_files(files: list[Path], limits: Limits, name: str) -> int:
-    from pydicom.errors import InvalidDicomError
+    from pydicom.errors import BytesLengthException, InvalidDicomError
 
     from medinfer.errors import MedinferError
     from medinfer.io._dicom_guard import check_pixel_bytes, dcmread_bounded
@@ -368,7 +368,7 @@ def _check_dicom_files(files: list[Path], limits: Limits, name: str) -> int:
             raise type(exc)(str(exc).replace(str(f), name)) from None
         except (InvalidDicomError, OSError, ValueError, EOFError, struct.error, KeyError,
                 AttributeError, TypeError, IndexError, NotImplementedError, OverflowError,
-                RuntimeError, zlib.error):
+                RuntimeError, zlib.error, BytesLengthException):
             continue
         if rows <= 0 or cols <= 0:
             continue
