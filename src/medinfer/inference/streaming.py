@@ -14,11 +14,10 @@ the same arithmetic with memory that grows with **one slab**:
    accumulator moves on. The accumulator holds ``K x patch[0] x J' x K'`` values.
 2. :class:`SlabExporter` is such a sink. It keeps only the model rows still needed by
    source voxels not yet written, resamples each ready block of source voxels back to
-   the source grid with the separable 1-D passes of :mod:`medinfer.transforms.spatial`
-   (the very same plans, weights and pass code as :func:`~medinfer.transforms.to_source_grid`,
-   sliced with ``_AxisPlan.sub``), turns the block into labels (argmax, threshold,
-   regions) and writes them into the uint8/uint16 label map. Probabilities are kept only
-   on request.
+   the source grid with :class:`medinfer.transforms.SlabResampler` (the very same plans,
+   weights and pass code as :func:`~medinfer.transforms.to_source_grid`), turns the
+   block into labels (argmax, threshold, regions) and writes them into the uint8/uint16
+   label map. Probabilities are kept only on request.
 
 Exactness: with ``accumulate_dtype=float32`` every voxel receives the same float32
 operations in the same order as in the full-volume engine (same windows, same
@@ -254,28 +253,20 @@ def axis_plans_from_record(
 ) -> tuple[list[int], list[Any]] | None:
     """Per output (source) axis: the model axis it reads and the 1-D interpolation plan.
 
-    The plans are exactly those :func:`medinfer.transforms.to_source_grid` uses for a
-    linear resampling from the model grid back to the source grid
-    (``medinfer.transforms.spatial._AxisPlan``). Returns ``None`` when the voxel map is
-    not separable (never the case for grids made by ``to_model_grid``).
+    The plans of :meth:`medinfer.transforms.SlabResampler.from_grids` for a linear
+    resampling from the model grid back to the source grid, exactly those
+    :func:`medinfer.transforms.to_source_grid` uses. Returns ``None`` when the voxel map
+    is not separable (never the case for grids made by ``to_model_grid``).
     """
-    from medinfer.transforms import spatial as sp
+    from medinfer.transforms import SlabResampler
 
     src_affine = record.model_affine_array if model_affine is None else model_affine
     dst_affine = record.source_affine_array
-    dst_shape = (int(record.source_shape[0]), int(record.source_shape[1]),
-                 int(record.source_shape[2]))
-    m = np.linalg.solve(src_affine, dst_affine)
-    perm = sp._separable_perm(m[:3, :3], dst_shape)
-    if perm is None:
+    if not SlabResampler.is_separable(src_affine, record.source_shape, dst_affine):
         return None
-    plans = []
-    for c in range(3):
-        r = perm[c]
-        coords = m[r, c] * np.arange(dst_shape[c], dtype=np.float64) + m[r, 3]
-        plans.append(sp._AxisPlan.from_coords(coords, record.model_shape[r],
-                                              sp.Interpolation.LINEAR))
-    return perm, plans
+    rs = SlabResampler.from_grids(record.model_shape, src_affine, record.source_shape,
+                                  dst_affine, interpolation="linear")
+    return list(rs.perm), list(rs.plans)
 
 
 class SlabExporter:
@@ -285,7 +276,7 @@ class SlabExporter:
     ----------
     out_shape : output grid shape ``(I, J, K)`` (e.g. the source scan's grid).
     perm : ``perm[c]`` = model axis that output axis ``c`` is interpolated from.
-    plans : per output axis, a ``medinfer.transforms.spatial._AxisPlan`` sampling the
+    plans : per output axis, a :class:`medinfer.transforms.AxisPlan` sampling the
         model axis ``perm[c]`` (linear, nearest or exact gathers).
     to_values : applied to each final model-grid slab before resampling, e.g. softmax
         over channels (``(K, rows, ...)`` float32 -> float32); ``None`` = identity.
@@ -300,8 +291,9 @@ class SlabExporter:
 
     Notes
     -----
-    The 1-D passes are :func:`medinfer.transforms.spatial._pass`, in the order of least
-    estimated work (``_pass_cost``) for the block, as in ``_resample_separable``.
+    The resampling is :meth:`medinfer.transforms.SlabResampler.resample` (the public
+    slab API of the transforms), so each block equals the matching part of
+    :func:`~medinfer.transforms.to_source_grid` bitwise.
     """
 
     def __init__(
@@ -317,7 +309,10 @@ class SlabExporter:
         to_probabilities: Callable[[np.ndarray], np.ndarray] | None = None,
         model_rows: int,
     ) -> None:
-        self.out_shape = tuple(int(s) for s in out_shape)
+        from medinfer.transforms import SlabResampler
+
+        self.resampler = SlabResampler(out_shape, perm, plans)
+        self.out_shape = self.resampler.out_shape
         self.perm = list(perm)
         self.plans = list(plans)
         self.c0 = self.perm.index(0)
@@ -327,13 +322,12 @@ class SlabExporter:
         self.prob_out = prob_out
         self.to_probabilities = to_probabilities
         p = self.plans[self.c0]
-        self.need_hi = np.maximum(p.i0, p.i1)  # last model row needed per output index
-        self.need_lo = np.minimum(p.i0, p.i1)
+        self.need_hi = p.need_hi  # last model row needed per output index
+        self.need_lo = p.need_lo
         self.emitted = np.zeros(self.out_shape[self.c0], dtype=bool)
         self.model_rows = int(model_rows)
         self.chunks: list[tuple[int, np.ndarray]] = []
         self.peak_buffer_bytes = 0
-        self._slabs: list[tuple[int, int, tuple[int, ...]]] | None = None
 
     def __call__(self, slab: torch.Tensor, r0: int, r1: int) -> None:
         """Take final model rows ``[r0, r1)`` (``(K, r1 - r0, *rest)`` float32).
@@ -378,98 +372,13 @@ class SlabExporter:
             raise RuntimeError(f"streaming export: model rows {lo}..{hi} not held")
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
-    def _full_path_slabs(self) -> list[tuple[int, int, tuple[int, ...]]]:
-        """``(T0, T1, pass order)`` of each slab of output axis 0 in the full-volume path.
-
-        ``_resample_separable`` works in slabs of output axis 0 and picks the order of
-        the 1-D passes per slab (least estimated work). The streaming export uses the
-        same slabs and orders so that every value gets the same float32 operations.
-        """
-        from medinfer.transforms import spatial as sp
-
-        if self._slabs is not None:
-            return self._slabs
-        g = [sp._AxisPlan.identity(p.m) if p.sl is not None else p for p in self.plans]
-        n0, n1, n2 = self.out_shape
-        step = max(1, sp._SLAB_BYTES // max(n1 * n2 * 4, 1))
-        slabs = []
-        for t0 in range(0, n0, step):
-            t1 = min(n0, t0 + step)
-            lo, hi, p0 = g[0].sub(t0, t1)
-            rows = hi - lo
-            if p0.sl is not None:
-                p0 = sp._AxisPlan.identity(p0.m)
-                rows = p0.n
-            sub = [p0, g[1], g[2]]
-            shape = [rows, g[1].n, g[2].n]
-            todo = [c for c in range(3) if not sub[c].is_identity]
-            order = min(itertools.permutations(todo),
-                        key=lambda seq: sp._pass_cost(seq, shape, sub)) if todo else ()
-            slabs.append((t0, t1, tuple(order)))
-        self._slabs = slabs
-        return slabs
-
     def _emit(self, t0: int, t1: int) -> None:
         """Resample output indices ``[t0, t1)`` along output axis ``c0`` and label them."""
-        from medinfer.transforms import spatial as sp
-
-        c0 = self.c0
-        lo, hi, _ = self.plans[c0].sub(t0, t1)
-        held = self._rows(lo, hi)
-        # model axes -> output axis order (a view); axis c0 starts at model row lo
-        held = held.transpose(0, *(self.perm[c] + 1 for c in range(3)))
-        k = held.shape[0]
-        shape = list(self.out_shape)
-        shape[c0] = t1 - t0
-        out = np.empty((k, *shape), dtype=np.float32)
-        dtype = np.dtype(np.float32)
-        for s0, s1, order in self._full_path_slabs():
-            # output rows of this full-path slab (axis 0), restricted to [t0, t1) on c0
-            ranges = [(0, n) for n in self.out_shape]
-            ranges[0] = (s0, s1)
-            if c0 == 0:
-                ranges[0] = (max(s0, t0), min(s1, t1))
-                if ranges[0][0] >= ranges[0][1]:
-                    continue
-            else:
-                ranges[c0] = (t0, t1)
-            sub = []
-            view: list[slice] = [slice(None)]
-            for c in range(3):
-                a, b = ranges[c]
-                if (a, b) == (0, self.out_shape[c]):
-                    pc, l_c, h_c = self.plans[c], 0, held.shape[c + 1]
-                    if c == c0:
-                        l_c, h_c = 0, held.shape[c + 1]
-                else:
-                    l_c, h_c, pc = self.plans[c].sub(a, b)
-                    if c == c0:
-                        l_c, h_c = l_c - lo, h_c - lo
-                view.append(slice(l_c, h_c))
-                sub.append(pc)
-            block = held[tuple(view)]
-            # integer shifts / flips are plain views, as in _resample_separable
-            view2: list[slice] = [slice(None)] * 4
-            for c in range(3):
-                if sub[c].sl is not None:
-                    view2[c + 1] = sub[c].sl
-                    sub[c] = sp._AxisPlan.identity(sub[c].m)
-            block = block[tuple(view2)]
-            todo = [c for c in order if not sub[c].is_identity]
-            todo += [c for c in range(3) if c not in todo and not sub[c].is_identity]
-            tgt = (slice(None), *(slice(a - (t0 if c == c0 else 0), b - (t0 if c == c0 else 0))
-                                  for c, (a, b) in enumerate(ranges)))
-            target = out[tgt]
-            for ch in range(k):
-                b_ = block[ch]
-                if not todo:
-                    target[ch] = b_
-                    continue
-                for j, c in enumerate(todo):
-                    b_ = sp._pass(b_, c, sub[c], dtype,
-                                  target[ch] if j == len(todo) - 1 else None)
+        lo, hi = self.resampler.source_range(self.c0, t0, t1)
+        out = self.resampler.resample(self._rows(lo, hi), axis=self.c0, start=t0, stop=t1,
+                                      block_start=lo, out_dtype=np.float32)
         sl: list[slice] = [slice(None)] * 3
-        sl[c0] = slice(t0, t1)
+        sl[self.c0] = slice(t0, t1)
         self.label_out[tuple(sl)] = self.to_labels(out)
         if self.prob_out is not None:
             probs = self.to_probabilities(out) if self.to_probabilities is not None else out
@@ -516,8 +425,8 @@ def predict_streaming(
     from medinfer.inference.predictor import label_statistics
     from medinfer.inference.sliding_window import (
         WindowPlan,
-        _pad_spec,
         importance_map,
+        pad_spec,
         tta_flips,
     )
     from medinfer.models.card import Activation, InferenceMode, Task
@@ -547,12 +456,12 @@ def predict_streaming(
     t1 = time.perf_counter()
     size = image.spatial_shape
     patch = tuple(int(p) for p in inf.patch_size)
-    pads = _pad_spec(size, patch)
+    pads = pad_spec(size, patch)
     padded = tuple(s + b + a for s, (b, a) in zip(size, pads, strict=True))
     plan = WindowPlan.build(padded, patch, [predictor.overlap] * 3)
     weight = importance_map(patch, inf.blending.value, inf.sigma_scale)
     run = make_tta_runner(predictor.model, tta_flips(predictor.tta_axes),
-                          amp=predictor.device.type == "cuda")
+                          amp=getattr(predictor, "amp", True) and predictor.device.type == "cuda")
     max_value = max(card.labels)
     dtype = np.uint8 if max_value <= 255 else np.uint16
     labels = np.zeros(volume.spatial_shape, dtype=dtype)
