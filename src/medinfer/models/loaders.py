@@ -87,7 +87,13 @@ def resolve_device(device: Device | str | torch.device = "auto") -> torch.device
 
 # ---------------------------------------------------------------------- wrappers
 class TorchModel:
-    """A ``torch.nn.Module`` (eager or TorchScript) in eval mode behind :class:`Model`."""
+    """A ``torch.nn.Module`` (eager or TorchScript) in eval mode behind :class:`Model`.
+
+    Inputs are moved to the model's ``device`` before the forward pass, so a caller that
+    wraps the model (e.g. the detection pipeline's tent blending, which has no
+    ``.device`` of its own) can hand in tensors from any device; the output stays on the
+    model's device.
+    """
 
     def __init__(self, module: torch.nn.Module, device: torch.device, fmt: str) -> None:
         self.module = module.to(device).eval()
@@ -95,6 +101,8 @@ class TorchModel:
         self.format = fmt
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device != self.device:
+            x = x.to(self.device)
         out = self.module(x)
         if isinstance(out, (list, tuple)):  # deep supervision heads: the first is full-res
             out = out[0]
@@ -344,13 +352,13 @@ def load_model(card: ModelCard, model_dir: str | os.PathLike[str],
 
     if is_nnunet_folder(model_dir):
         # the raw networks (all folds, mean of logits); nnU-Net's pre-processing, windows
-        # and export: medinfer.models.nnunet.NnUNetPredictor / `medinfer predict`
+        # and export: medinfer.formats.nnunet.NnUNetPredictor / `medinfer predict`
         from medinfer.models.nnunet import load_nnunet_networks, read_nnunet_folder
 
         return load_nnunet_networks(read_nnunet_folder(model_dir), dev)[0]
     if is_monai_bundle(model_dir):
         raise ModelError(f"{model_dir}: MONAI bundles run with their own config code: use "
-                         "medinfer.models.monai_bundle.MonaiBundle(..., trust_model_code=True) "
+                         "medinfer.formats.monai_bundle.MonaiBundle(..., trust_model_code=True) "
                          "or `medinfer predict --model BUNDLE --trust-model-code`")
     path = weights_path(card, model_dir)
     _check_file(path)
@@ -381,7 +389,7 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> tuple[ModelCard, Path
     model (``demo-brain``) in ``medinfer/models/zoo/<name>/``. An nnU-Net v2 model
     folder or a MONAI bundle gives a display card (label names and colours from
     ``dataset.json`` / ``metadata.json``; run them with
-    :func:`medinfer.inference.batch.open_predictor`).
+    :func:`medinfer.formats.open_predictor`).
 
     Returns
     -------
@@ -405,6 +413,13 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> tuple[ModelCard, Path
                 return nnunet_display_card(p), p.resolve()
             if is_monai_bundle(p):  # display card from metadata.json (no config code runs)
                 return bundle_display_card(p), p.resolve()
+            from medinfer.models.nnunet_v1 import is_nnunet_v1_folder
+
+            if is_nnunet_v1_folder(p):
+                raise ModelError(f"{p}: nnU-Net v1 model folder (plans.pkl); `medinfer predict` "
+                                 "does not take v1 folders: run it with `medinfer-nnUNet_predict` "
+                                 "(nnUNet_predict's flags) or "
+                                 "medinfer.formats.nnunet_v1.NnUNetV1Predictor")
             raise ModelError(f"{p}: model folder has no {CARD_NAME} (and is neither an nnU-Net "
                              "v2 model folder nor a MONAI bundle)")
         return ModelCard.from_yaml(card_path), p.resolve()
