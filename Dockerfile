@@ -14,9 +14,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     VIRTUAL_ENV=/opt/medinfer \
     PATH=/opt/medinfer/bin:$PATH \
-    MEDINFER_JOB_STORE=/var/lib/medinfer \
-    MEDINFER_MODEL=/opt/medinfer-zoo/demo-brain \
-    MEDINFER_DEVICE=auto
+    MEDINFER_JOB_STORE=/var/lib/medinfer
+# no MEDINFER_MODEL / MEDINFER_DEVICE here: the defaults (bundled demo-brain, auto) apply,
+# and `docker run -e MEDINFER_MODEL` or the UNet3D names (`-e UNET3D_MODEL_PATH=
+# /models/unet3d_best.pt -v /path/to/checkpoints:/models`, UNET3D_DEVICE ...) choose
+# another model without a conflict between the two names (docs/compat/unet3d.md)
 
 # CUDA bases are plain Ubuntu: bring Python 3.11 in; python:3.11-slim already has it.
 RUN if ! command -v python3.11 >/dev/null 2>&1; then \
@@ -39,8 +41,9 @@ COPY src ./src
 RUN pip install ".[serve,onnx]" && \
     mkdir -p /opt/medinfer-zoo && cp -r src/medinfer/models/zoo/. /opt/medinfer-zoo/ && \
     rm -rf /src
-# the bundled models (model.yaml + weights) are copied explicitly: weight files are not
-# package data. Mount another model folder and set MEDINFER_MODEL to serve it.
+# the bundled models (model.yaml + weights) are also copied to /opt/medinfer-zoo (they are
+# package data too). Mount another model folder (or a weights file with its model.yaml) and
+# set MEDINFER_MODEL or UNET3D_MODEL_PATH to serve it.
 
 USER medinfer
 WORKDIR /var/lib/medinfer

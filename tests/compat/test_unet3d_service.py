@@ -132,3 +132,49 @@ def test_quickstart_health_and_the_two_curl_calls(checkpoint: Path, tmp_path: Pa
     local = ModelEngine(str(checkpoint), "cpu").predict(load(scan), JobConfig())
     assert np.array_equal(np.asarray(mask.dataobj), local.label.array[0])
     assert sum(x["voxels"] for x in labels) > 0
+
+
+def test_docker_entrypoint_with_unet3d_model_path(checkpoint: Path, tmp_path: Path) -> None:
+    """``docker run -e UNET3D_MODEL_PATH=/models/unet3d_best.pt -v ...:/models`` without
+    Docker: the Dockerfile's CMD and ENV (job store moved to a temporary folder, port
+    free) with the mounted checkpoint's path."""
+    import json
+    import os
+    import re
+    import time
+
+    from _serve_support import free_port
+
+    docker = (Path(__file__).resolve().parents[2] / "Dockerfile").read_text()
+    env = dict(re.findall(r"\b(MEDINFER_[A-Z_]+)=(\S+)", docker))
+    assert "MEDINFER_MODEL" not in env  # would conflict with UNET3D_MODEL_PATH
+    env["MEDINFER_JOB_STORE"] = str(tmp_path / "jobs")
+    cmd = json.loads(re.findall(r"^CMD (\[.*\])$", docker, re.M)[-1])
+    assert cmd[0] == "medinfer"
+    port = free_port()
+    args = [sys.executable, "-m", *cmd]
+    args[args.index("--port") + 1] = str(port)
+    full = {**os.environ, **env, "UNET3D_MODEL_PATH": str(checkpoint), "UNET3D_DEVICE": "cpu",
+            "OMP_NUM_THREADS": "1"}
+    for var in ("MEDINFER_MODEL", "MEDINFER_DEVICE"):
+        full.pop(var, None)
+    log = tmp_path / "docker.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(args, env=full, stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 180
+            status = 0
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                    status = r.status_code
+                    if status == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.3)
+            assert status == 200, log.read_text()[-2000:]
+            assert r.json()["model"] == "unet3d-segmentation"
+        finally:
+            proc.terminate()
+            proc.wait(30)
