@@ -7,9 +7,10 @@ final name (POSIX ``rename`` within one file system is atomic).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 
@@ -55,6 +56,63 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        raise
+
+
+def _check_replaceable(final: Path) -> None:
+    if final.is_dir() or (final.exists() and not final.is_file()):
+        raise IsADirectoryError(
+            errno.EISDIR, "an output name is taken by a folder or a special file", str(final)
+        )
+
+
+@contextlib.contextmanager
+def atomic_paths(
+    paths: Mapping[str, str | os.PathLike[str]],
+) -> Iterator[dict[str, Path]]:
+    """All-or-nothing output of several files: yield temporary paths (same keys).
+
+    On success every temporary file is renamed onto its final path; if any final path is
+    taken by a folder (checked before and after the work) or a rename fails, the files
+    renamed so far are removed again and every temporary file is deleted, so a case's
+    files land together or none does.
+
+    Raises
+    ------
+    IsADirectoryError
+        A final path is an existing folder or special file.
+    """
+    finals = {k: Path(p) for k, p in paths.items()}
+    for final in finals.values():
+        _check_replaceable(final)
+    tmps: dict[str, Path] = {}
+    try:
+        for key, final in finals.items():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(
+                prefix=f".{final.name[:80]}.", suffix=".part" + _suffixes(final)[-24:],
+                dir=final.parent,
+            )
+            os.close(fd)
+            tmps[key] = Path(name)
+            os.chmod(name, 0o666 & ~_UMASK)
+        yield tmps
+        for final in finals.values():
+            _check_replaceable(final)
+        done: list[Path] = []
+        try:
+            for key, final in finals.items():
+                os.replace(tmps[key], final)
+                done.append(final)
+        except BaseException:
+            for final in done:
+                with contextlib.suppress(OSError):
+                    final.unlink()
+            raise
+    except BaseException:
+        for tmp in tmps.values():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         raise
 
 

@@ -29,3 +29,25 @@ def test_18_9_long_names_keep_temporary_names_short(tmp_path: Path) -> None:
     out = write_bytes_atomic(tmp_path / name, b"data")
     assert out.read_bytes() == b"data"
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_18_13_case_files_land_together_or_none(tmp_path: Path) -> None:
+    import pytest
+
+    from medinfer._atomic import atomic_paths
+
+    (tmp_path / "case_stats.json").mkdir()  # the stats name is taken by a folder
+    names = {"seg": "case_seg.nii.gz", "prob": "case_prob.nii.gz",
+             "overlay": "case_overlay.png", "stats": "case_stats.json"}
+    with pytest.raises(IsADirectoryError), atomic_paths(
+            {k: tmp_path / v for k, v in names.items()}) as tmp:
+        for p in tmp.values():
+            p.write_bytes(b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case_stats.json"]
+    # and when every name is free, all of them land
+    (tmp_path / "case_stats.json").rmdir()
+    with atomic_paths({k: tmp_path / v for k, v in names.items()}) as tmp:
+        for k, p in tmp.items():
+            p.write_text(k)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names.values())
+    assert (tmp_path / "case_stats.json").read_text() == "stats"

@@ -139,7 +139,7 @@ def write_case(out_dir: Path, name: str, case: CaseInput, volume: Volume,
     import json
 
     from medinfer import io
-    from medinfer._atomic import atomic_path
+    from medinfer._atomic import atomic_paths
     from medinfer.inference.outputs import compact_probabilities
     from medinfer.io.nifti import derived_from
 
@@ -157,7 +157,7 @@ def write_case(out_dir: Path, name: str, case: CaseInput, volume: Volume,
                                    card, dicom)
     paths.update(dicom_plan.paths)
     with contextlib.ExitStack() as stack:
-        tmp = {k: stack.enter_context(atomic_path(p)) for k, p in paths.items()}
+        tmp = stack.enter_context(atomic_paths(paths))  # all files land together or none
         dicom_plan.write(tmp)
         io.save(derived_from(pred.label, volume, label_map=True), tmp["seg"])
         table = card_label_table(card)
