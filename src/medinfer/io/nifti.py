@@ -521,14 +521,17 @@ def derived_from(output: Volume, source: Volume, *, label_map: bool = False) -> 
     """``output`` (a result on the grid of ``source``) with the meta :func:`write_nifti` uses.
 
     Carries the source's NIfTI ``qform_code`` / ``sform_code`` (only those: the source's
-    datatype and scaling do not apply to a result) and, with ``label_map``, marks the
+    datatype and scaling do not apply to a result; the output's own ``meta["nifti"]``
+    entries, e.g. a requested encoding, are kept) and, with ``label_map``, marks the
     volume as a label map (``intent_code`` NIFTI_INTENT_LABEL). Array and affine are
     shared, not copied.
     """
     src = source.meta.get("nifti") or {}
     codes = {k: int(src[k]) for k in ("qform_code", "sform_code") if src.get(k) is not None}
     meta = {k: v for k, v in output.meta.items() if k not in ("nifti", "intent")}
-    meta["nifti"] = codes
+    own = output.meta.get("nifti") if output.meta.get("nifti") is not source.meta.get(
+        "nifti") else None
+    meta["nifti"] = {**(own or {}), **codes}
     if label_map:
         meta["intent"] = "label"
     return Volume(output.array, output.affine, meta)
