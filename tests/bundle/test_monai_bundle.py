@@ -14,7 +14,8 @@ import torch
 
 from medinfer import io
 from medinfer.errors import ModelError
-from medinfer.models.monai_bundle import MonaiBundle, is_monai_bundle
+from medinfer.formats.monai_bundle import MonaiBundle
+from medinfer.models.monai_bundle import is_monai_bundle
 
 pytestmark = pytest.mark.timeout(1200)
 

@@ -25,9 +25,8 @@ from nnunet_oracle import (
 
 from medinfer import io
 from medinfer.errors import ConfigError, InvalidImageError, ModelError
+from medinfer.formats.nnunet import NnUNetPredictor, compute_steps
 from medinfer.models.nnunet import (
-    NnUNetPredictor,
-    compute_steps,
     is_nnunet_folder,
     load_checkpoint,
     read_nnunet_folder,
@@ -169,7 +168,7 @@ def test_steps_match_nnunet_rule() -> None:
 
 
 def test_open_predictor_dispatch(model_folder: Path, inputs: Path) -> None:
-    from medinfer.inference.batch import open_predictor
+    from medinfer.formats import open_predictor
 
     card, pred = open_predictor(str(model_folder), device="cpu", tta=False, folds=[0])
     assert isinstance(pred, NnUNetPredictor) and not pred.tta

@@ -75,7 +75,8 @@ def test_open_predictor_card_streams_by_default(tmp_path) -> None:  # type: igno
 
     from medinfer.errors import ConfigError
     from medinfer.inference import Predictor
-    from medinfer.inference.batch import StreamingPredictor, open_predictor
+    from medinfer.formats import open_predictor
+    from medinfer.inference.batch import StreamingPredictor
     from medinfer.volume import Volume
 
     torch.manual_seed(0)

@@ -312,8 +312,13 @@ def sliding_window_inference(
                         pad_value, progress, on_slab)
 
 
-def _pad_spec(size: Sequence[int], target: Sequence[int]) -> list[tuple[int, int]]:
-    """(before, after) per axis to reach ``target``; centred as MONAI (extra after)."""
+def pad_spec(size: Sequence[int], target: Sequence[int]) -> list[tuple[int, int]]:
+    """Padding ``(before, after)`` per axis that brings ``size`` up to at least ``target``.
+
+    Centred as MONAI's ``sliding_window_inference`` and nnU-Net (the odd voxel goes
+    after); axes already at least ``target`` get ``(0, 0)``. Voxel counts, same axis
+    order as the inputs.
+    """
     out = []
     for s, t in zip(size, target, strict=True):
         diff = max(t - s, 0)
@@ -339,7 +344,7 @@ def _whole_volume(
         math.ceil(max(s, p) / size_divisible) * size_divisible
         for s, p in zip(size, patch, strict=True)
     ]
-    pads = _pad_spec(size, target)
+    pads = pad_spec(size, target)
     flat = [v for b, a in reversed(pads) for v in (b, a)]
     outs = []
     n = int(inputs.shape[0])
@@ -373,7 +378,7 @@ def _sliding(
 
     n = int(inputs.shape[0])
     size = tuple(int(s) for s in inputs.shape[2:])
-    pads = _pad_spec(size, patch)
+    pads = pad_spec(size, patch)
     padded = tuple(s + b + a for s, (b, a) in zip(size, pads, strict=True))
     plan = WindowPlan.build(padded, patch, overlap)
     weight = importance_map(patch, blend, sigma_scale, device="cpu")
