@@ -19,10 +19,17 @@ single process (``ru_maxrss`` of the children). medinfer runs in one process:
 same number of torch threads (``--threads``). The two label maps are compared (Dice per
 label).
 
+With ``--v1`` the rows compare nnU-Net **v1**: ``nnUNet_predict`` (nnU-Net 1.7.1, run as
+``python -m nnunet.inference.predict_simple`` by the v1 oracle of
+``tests/nnunet/nnunet_v1_oracle.py``) against ``medinfer-nnUNet_predict`` with the **same
+flags** (``-i -o -t -tr -p -m -f 0 [--disable_tta]``), both as fresh process trees, on a
+copy of the v1 test model with its patch enlarged to ``16 x 64 x 64``.
+
 Usage::
 
     MEDINFER_NNUNET_PYTHON=/path/to/python-with-nnunetv2 \\
         .venv/bin/python benchmarks/nnunet_predict.py --shape 160 48 160 --classes 3 60
+    .venv/bin/python benchmarks/nnunet_predict.py --shape 160 48 160 --v1
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "nnunet"))
 
 import nnunet_oracle as oracle  # noqa: E402
+import nnunet_v1_oracle as oracle_v1  # noqa: E402
 
 _RANDOM_CKPT = """
 import sys, torch, json
@@ -133,7 +141,7 @@ _MEDINFER = """
 import sys, numpy as np, torch
 torch.set_num_threads(int(sys.argv[4]))
 from medinfer import io
-from medinfer.models.nnunet import NnUNetPredictor
+from medinfer.formats.nnunet import NnUNetPredictor
 from medinfer.volume import Volume
 from pathlib import Path
 inp, out, model, tta = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[5] == "1"
@@ -144,13 +152,87 @@ io.save(p.predict(vol).label, out / "case.nii.gz")
 """
 
 
+def _dice_row(ln: np.ndarray, lm: np.ndarray) -> dict[str, float]:
+    dices, sizes = [], []
+    for v in np.unique(ln):
+        if v == 0:
+            continue
+        s = np.sum(ln == v) + np.sum(lm == v)
+        dices.append(2 * np.sum((ln == v) & (lm == v)) / s)
+        sizes.append(int(np.sum(ln == v)))
+    big = [d for d, n in zip(dices, sizes, strict=True) if n >= 100]
+    return {"min_dice": min(big) if big else float("nan"),
+            "mean_dice": float(np.average(dices, weights=sizes)) if dices else float("nan"),
+            "same": float(np.mean(ln == lm))}
+
+
+def run_v1(shape: tuple[int, int, int], threads: int, ttas: list[bool]) -> None:
+    """v1 rows: ``nnUNet_predict`` vs ``medinfer-nnUNet_predict``, same flags."""
+    import pickle
+
+    import nibabel as nib
+
+    base = oracle_v1.build_v1_model()
+    spacing = (0.9, 2.6, 0.9)
+    img, _ = oracle.blob_case(np.random.default_rng(5), shape, spacing)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        inp = work / "in"
+        inp.mkdir()
+        aff = oracle.oblique_affine(spacing, 12.0)
+        for c in range(2):
+            oracle.save_nifti(img[c], aff, inp / f"case_{c:04d}.nii.gz")
+        results = work / "results"
+        model = results / base.relative_to(base.parents[3])
+        shutil.copytree(base, model)
+        for f in [model / "plans.pkl", *model.glob("fold_*/*.model.pkl")]:
+            obj = pickle.loads(f.read_bytes())  # our own test model (trusted)
+            plans = obj["plans"] if "plans" in obj else obj
+            stage = max(plans["plans_per_stage"])
+            plans["plans_per_stage"][stage]["patch_size"] = np.array([16, 64, 64])
+            f.write_bytes(pickle.dumps(obj))
+        env = {**oracle_v1.v1_env(work), "RESULTS_FOLDER": str(results),
+               "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        flags = ["-t", oracle_v1.TASK, "-tr", oracle_v1.TRAINER, "-p", oracle_v1.PLANS,
+                 "-m", "3d_fullres", "-f", "0"]
+        for tta in ttas:
+            o_nn, o_mi = work / f"v1nn{tta}", work / f"v1mi{tta}"
+            extra = [] if tta else ["--disable_tta"]
+            r_nn = measure([str(oracle.oracle_python()), "-m", "nnunet.inference.predict_simple",
+                            "-i", str(inp), "-o", str(o_nn), *flags, *extra], env)
+            r_mi = measure([str(Path(sys.executable).parent / "medinfer-nnUNet_predict"),
+                            "-i", str(inp), "-o", str(o_mi), *flags, *extra], env)
+            ln = np.asarray(nib.load(str(o_nn / "case.nii.gz")).dataobj)
+            lm = np.asarray(nib.load(str(o_mi / "case.nii.gz")).dataobj)
+            rows.append({"tta": tta, "nn": r_nn, "mi": r_mi, **_dice_row(ln, lm)})
+    print(f"\nnnU-Net v1: input {shape} at {spacing} mm, oblique, 2 channels; patch 16x64x64; "
+          f"CPU, OMP_NUM_THREADS={threads}\n")
+    print("| TTA | nnUNet_predict wall (s) | medinfer-nnUNet_predict wall (s) | speed-up | "
+          "nnU-Net peak RSS, tree / largest proc (MiB) | medinfer peak RSS, tree (MiB) | "
+          "memory ratio | min Dice | voxel-weighted Dice | equal voxels |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        nn, mi = r["nn"], r["mi"]
+        print(f"| {'on' if r['tta'] else 'off'} | {nn['wall_s']:.1f} | {mi['wall_s']:.1f} | "
+              f"{nn['wall_s'] / mi['wall_s']:.2f}x | {nn['tree_peak_mib']:.0f} / "
+              f"{nn['proc_peak_mib']:.0f} | {mi['tree_peak_mib']:.0f} | "
+              f"{mi['tree_peak_mib'] / nn['tree_peak_mib']:.2f} | {r['min_dice']:.4f} | "
+              f"{r['mean_dice']:.4f} | {100 * r['same']:.3f} % |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", type=int, nargs=3, default=[160, 48, 160])
     ap.add_argument("--classes", type=int, nargs="+", default=[3])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tta", choices=["on", "off", "both"], default="both")
+    ap.add_argument("--v1", action="store_true", help="nnU-Net v1 rows instead of v2")
     a = ap.parse_args()
+    if a.v1:
+        run_v1((a.shape[0], a.shape[1], a.shape[2]), a.threads,
+               {"on": [True], "off": [False], "both": [False, True]}[a.tta])
+        return
     base = oracle.build_model()
     spacing = (0.9, 2.6, 0.9)
     rng = np.random.default_rng(5)
