@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medinfer.errors import ConfigError
+from medinfer.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
     from medinfer.batch import CaseRecord, CaseSpec, RunInfo
@@ -168,6 +168,8 @@ def run_on_ray(
     ------
     ConfigError
         Ray missing, no cluster at ``address``, or bad worker counts.
+    ModelError
+        The workers cannot open the model (the first worker's error).
     """
     from medinfer.batch import CaseRecord, CaseStatus
 
@@ -201,6 +203,12 @@ def run_on_ray(
                 return_outputs, cpus_per_worker)
 
         actors = [new_actor() for _ in range(n_actors)]
+        try:  # a model that cannot be opened fails the run once, not every case twice
+            ray.get([a.where.remote() for a in actors])
+        except ray.exceptions.RayActorError as exc:
+            raise ModelError(f"Ray workers cannot open the model "
+                             f"{predictor_kwargs.get('model')!r}: {_creation_error(exc)}"
+                             ) from None
         queue: deque[tuple[CaseSpec, int]] = deque((s, 0) for s in specs)
         in_flight: dict[Any, tuple[int, Any, CaseSpec, int]] = {}
         load = dict.fromkeys(range(len(actors)), 0)
@@ -255,6 +263,14 @@ def run_on_ray(
     finally:
         if started:
             ray.shutdown()
+
+
+def _creation_error(exc: Exception) -> str:
+    """The last line of a Ray actor's creation error (``module.Type: message``), short."""
+    text = str(getattr(exc, "error_msg", "") or exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    return re.sub(r"^[\w.]+\.(\w+Error): ", r"\1: ", last)
 
 
 def distributed_inference(
