@@ -320,7 +320,7 @@ def run_predict(
         if config is not None or (card is not None and card.task is Task.DETECTION):
             _delegate_detection(inputs, model, config, output_dir, device, overrides,
                                 console=out, verbose=verbose)
-            if card is not None:
+            if card is not None and dicom is not None and dicom.wants_sr():
                 from medinfer.io.dicom_export import detection_cases, write_detection_outputs
 
                 write_detection_outputs(detection_cases(inputs), output_dir, card, dicom,

@@ -128,6 +128,10 @@ class DicomOutputOptions:
                 "seg_metadata": str(self.seg_metadata) if self.seg_metadata else None,
                 "dicom_reference": str(self.dicom_reference) if self.dicom_reference else None}
 
+    def wants_sr(self) -> bool:
+        """True when ``dicom-sr`` (or ``all``) was asked for."""
+        return self.formats is not None and OutputFormat.DICOM_SR in self.formats
+
     def requested(self, dicom_input: bool) -> set[OutputFormat]:
         """DICOM formats asked for (explicitly, or the default for a DICOM input)."""
         if self.formats is None:

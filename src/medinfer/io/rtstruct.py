@@ -107,6 +107,7 @@ def write_rtstruct(
     from medinfer import __version__
     from medinfer._atomic import atomic_path
     from medinfer.io.dicom_seg import (
+        _label_values,
         on_source_grid,
         read_label_metadata,
         segment_infos,
@@ -121,7 +122,7 @@ def write_rtstruct(
     infos = segment_infos(card, metadata)
     ordered, geom = source_grid(source, series_uid)
     arr = on_source_grid(np.asarray(label.array[0]), label.affine, geom, str(path))
-    present = [int(v) for v in np.unique(arr) if v > 0]
+    present = _label_values(arr)
     if not present:
         raise InvalidImageError(f"{path}: the label map is empty; an RTSTRUCT needs a contour")
     ds0 = ordered[0]
