@@ -867,9 +867,13 @@ def execute_predict(
         raise ConfigError("--overwrite and --continue/--skip-existing exclude each other: "
                           "choose one")
     device_list = parse_devices(devices)
-    if device_list and ray is not None:
-        raise ConfigError("--devices and --ray exclude each other (Ray gives each worker "
-                          "its own GPU)")
+    if ray is not None:
+        from medinfer.distributed import import_ray
+
+        import_ray()  # says how to install it
+        if device_list:
+            raise ConfigError("--devices and --ray exclude each other (Ray gives each "
+                              "worker its own GPU)")
     model = str(predictor_kwargs["model"])
     info = RunInfo(model=model, model_hash=model_fingerprint(model),
                    settings={k: settings[k] for k in sorted(settings)})

@@ -220,3 +220,23 @@ def test_devices_spread_cases_and_equal_one_device(tmp_path: Path, model_dir: Pa
         two = np.asarray(nib.load(str(tmp_path / "two" / f"d{i}_seg.nii.gz")).dataobj)
         np.testing.assert_array_equal(one, two)
     assert _predict([folder], model_dir, tmp_path / "bad", "--devices", "cpu,tpu") == 2
+
+
+def test_ray_option_without_ray_says_how_to_install(
+        tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from medinfer.distributed import fill_bare_ray_option
+
+    assert fill_bare_ray_option(["predict", "--ray", "a.nii.gz", "-o", "o"]) == \
+        ["predict", "--ray", "local", "a.nii.gz", "-o", "o"]
+    assert fill_bare_ray_option(["predict", "x", "--ray"])[-1] == "local"
+    for address in ("auto", "10.0.0.1:6379", "head-node:6379", "ray://h:10001"):
+        assert fill_bare_ray_option(["--ray", address, "x"]) == ["--ray", address, "x"]
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    scan = write_nifti(tmp_path / "r.nii.gz", 1)
+    assert _predict([scan], model_dir, tmp_path / "out", "--ray") == 2
+    err = capsys.readouterr().err
+    assert "pip install 'medinfer[ray]'" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

@@ -190,6 +190,11 @@ def run_on_ray(
             options = {"num_cpus": cpus_per_worker}
             kwargs = {**predictor_kwargs, "device": "cpu"}
         n_actors = max(1, min(n_actors, len(specs)))
+        # medinfer settings that travel as environment variables (e.g.
+        # MEDINFER_ALLOW_MISSING_SLICES) reach the workers on every node
+        env = {k: v for k, v in os.environ.items() if k.startswith("MEDINFER_")}
+        if env:
+            options["runtime_env"] = {"env_vars": env}
         remote_cls = ray.remote(_Worker)
         run_tag = os.urandom(4).hex()
         made = 0
