@@ -162,3 +162,20 @@ def test_18_14_dicom_series_folder_gets_umask_permissions(tmp_path: Path) -> Non
     assert out.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
     for f in out.iterdir():
         assert f.stat().st_mode & 0o777 == 0o644
+
+
+def test_18_scaled_integers_never_overflow_to_inf(tmp_path: Path) -> None:
+    raw = set_nifti_field(nifti_bytes(dtype="uint8", slope=2.0), "scl_slope", 1e38)
+    vol = load(_write(tmp_path, "big.nii", raw))
+    stored = np.asarray(nib.load(tmp_path / "big.nii").dataobj.get_unscaled())
+    assert vol.array.dtype == np.float64 and np.all(np.isfinite(vol.array))
+    assert np.allclose(vol.array[0], stored.astype(np.float64) * np.float32(1e38), rtol=1e-6)
+
+
+def test_18_truncated_functional_groups_are_a_clean_error(tmp_path: Path) -> None:
+    from fuzz_corpus import enhanced_per_frame
+
+    raw = enhanced_per_frame(3, 2, 2)
+    cut = raw[: raw.find(b"\xe0\x7f\x10\x00") - 40]  # inside the per-frame sequence
+    with pytest.raises(MedinferErrorTypes):
+        load(_write(tmp_path, "cut.dcm", cut))

@@ -45,10 +45,14 @@ _NATIVE_TS = frozenset(
 
 
 def _meta_ts(ds: Dataset) -> str:
-    meta = getattr(ds, "file_meta", None)
-    if meta is None:
+    try:
+        meta = getattr(ds, "file_meta", None)
+        if meta is None:
+            return ""
+        return str(meta.get("TransferSyntaxUID", "") or "")
+    except Exception:  # a corrupt meta element: unknown transfer syntax
         return ""
-    return str(meta.get("TransferSyntaxUID", "") or "")
+
 
 
 def dcmread_bounded(
@@ -173,7 +177,7 @@ def check_pixel_bytes(ds: Dataset, path: Path, n_frames: int, rows: int, cols: i
     if not ts or ts in _NATIVE_TS:
         try:
             bits = int(ds.get("BitsAllocated") or 8)
-        except (TypeError, ValueError):
+        except Exception:  # any parse failure: the pixel read reports it
             bits = 8
         need = (rows * cols * n_frames * max(1, bits) + 7) // 8
         kind = "uncompressed pixel data"

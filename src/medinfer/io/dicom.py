@@ -470,7 +470,7 @@ def read_dicom(
         check_pixel_bytes(e.ds, e.path, _n_frames(e.ds), _int(e, "Rows"), _int(e, "Columns"))
     if len(chosen) > 1 and all(is_mosaic(e.ds) for e in chosen):
         return _read_mosaic_volumes(p, chosen, max_bytes, position_tolerance_mm, spacing_rtol)
-    frames = [fr for e in chosen for fr in _frames_of(e)]
+    frames = [fr for e in chosen for fr in _frames_checked(e)]
     try:
         order, affine_lps, slice_spacing = _stack_geometry(
             frames, position_tolerance_mm, spacing_rtol
@@ -592,6 +592,19 @@ def _choose(p: Path, groups: dict[str, list[_Entry]], series_uid: str | None) ->
             f"(series_uid=..., CLI: --series UID):\n{listing()}"
         )
     return next(iter(groups.values()))
+
+
+def _frames_checked(e: _Entry) -> list[_Frame]:
+    """:func:`_frames_of`, with header elements that fail to parse (lazily, e.g. a cut
+    functional-groups sequence) reported as :class:`InvalidImageError`."""
+    try:
+        return _frames_of(e)
+    except _PARSE_ERRORS as exc:
+        if isinstance(exc, InvalidImageError | GeometryError | ResourceLimitError):
+            raise
+        raise InvalidImageError(
+            f"{e.path}: unreadable DICOM header ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _frames_of(e: _Entry) -> list[_Frame]:

@@ -104,6 +104,8 @@ def read_nifti(path: str | os.PathLike[str], *, max_bytes: int | None = None) ->
     slope, inter = _slope_inter(p, hdr)
     scaled = slope is not None
     out_dtype = _scaled_dtype(raw_dtype) if scaled else raw_dtype.newbyteorder("=")
+    if slope is not None and inter is not None:
+        out_dtype = _finite_scaled_dtype(p, raw_dtype, slope, inter, out_dtype)
     n_vox = int(np.prod(file_shape, dtype=object))
     n_bytes = n_vox * raw_dtype.itemsize
     vox_offset = float(hdr["vox_offset"])
@@ -273,6 +275,30 @@ def _scaled_dtype(raw_dtype: np.dtype[Any]) -> np.dtype[Any]:
     ):
         return np.dtype(np.float64)
     return np.dtype(np.float32)
+
+
+def _finite_scaled_dtype(
+    p: Path, raw_dtype: np.dtype[Any], slope: float, inter: float, out_dtype: np.dtype[Any]
+) -> np.dtype[Any]:
+    """``out_dtype``, or float64 when scaled integers would overflow float32 to inf.
+
+    Raises
+    ------
+    InvalidImageError
+        Scaled integer values would not be finite even in float64.
+    """
+    if raw_dtype.kind not in "iu":
+        return out_dtype  # stored floats: non-finite values are the file's content
+    info = np.iinfo(raw_dtype)
+    top = max(abs(float(info.min)), abs(float(info.max))) * abs(slope) + abs(inter)
+    if top <= float(np.finfo(out_dtype).max):
+        return out_dtype
+    if np.isfinite(top) and top <= float(np.finfo(np.float64).max):
+        return np.dtype(np.float64)
+    raise InvalidImageError(
+        f"{p}: NIfTI scaling scl_slope={slope:g}, scl_inter={inter:g} maps {raw_dtype.name} "
+        "values beyond the float64 range"
+    )
 
 
 def _apply_scaling(
