@@ -359,7 +359,9 @@ def _v1(args: argparse.Namespace) -> int:
                           "num_parts >= 1 and 0 <= part_id < num_parts")
     folder = find_v1_model(args.task_name, args.trainer_class_name, args.plans_identifier,
                            args.model)
-    folds = None if args.folds == "None" or args.folds == ["None"] else list(args.folds)
+    # `medinfer nnunet predict --folds 0 1` arrives as "0,1" (medinfer.cli joins the values)
+    folds = None if args.folds == "None" or args.folds == ["None"] else [
+        f for v in args.folds for f in str(v).split(",") if f]
     predictor = NnUNetV1Predictor(folder, folds=folds, checkpoint=args.chk,
                                   tta=not args.disable_tta, step_size=args.step_size,
                                   save_probabilities=args.save_npz)
