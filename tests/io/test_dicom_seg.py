@@ -131,6 +131,18 @@ def test_labelmap_fractional_and_compression_read_back(tmp_path, card):  # type:
         assert np.array_equal(read_dicom_seg(p, reference=folder).array[0], lab)
     with pytest.raises(ConfigError, match="BINARY"):
         write_dicom_seg(label, folder, card, tmp_path / "b.dcm", compression="rle")
+    # JPEG 2000: written when its codec is installed, else refused naming the codec
+    from pydicom.pixels import get_encoder
+
+    if get_encoder("1.2.840.10008.1.2.4.90").is_available:
+        p = write_dicom_seg(label, folder, card, tmp_path / "j2k.dcm", seg_type="labelmap",
+                            compression="jpeg2000")
+        assert np.array_equal(read_dicom_seg(p, reference=folder).array[0], lab)
+    else:
+        with pytest.raises(ConfigError, match="pylibjpeg"):
+            write_dicom_seg(label, folder, card, tmp_path / "j2k.dcm", seg_type="labelmap",
+                            compression="jpeg2000")
+        assert not (tmp_path / "j2k.dcm").exists()
     prob = np.zeros((4, *src.spatial_shape), np.float32)
     for v in (1, 3):
         prob[v][lab == v] = 0.8
