@@ -25,6 +25,7 @@ from _serve_support import (
 )
 
 from medinfer.ui.render import (
+    class_histogram,
     class_table,
     display_spacing,
     overlay_slice,
@@ -66,6 +67,11 @@ def test_class_table_lists_every_foreground_label() -> None:
     assert class_table(summary, card) == [
         {"value": 1, "class": "csf", "voxels": 0, "volume (mL)": 0.0},
         {"value": 2, "class": "gm", "voxels": 10, "volume (mL)": 0.012},
+    ]
+    assert class_histogram({**summary, "shape": [4, 5, 6]}, card) == [
+        {"value": 0, "class": "background", "voxels": 110},
+        {"value": 1, "class": "csf", "voxels": 0},
+        {"value": 2, "class": "gm", "voxels": 10},
     ]
 
 
@@ -132,7 +138,13 @@ def test_ui_in_headless_chromium(tmp_path: Path) -> None:
                     box = images.nth(i).bounding_box()
                     assert box is not None and box["width"] > 50 and box["height"] > 50
                     assert images.nth(i).evaluate("el => el.naturalWidth") > 50
-                expect(page.get_by_text("Download mask (label.nii.gz)")).to_be_visible()
+                # the rest of the page follows the charts (slow on shared CPUs)
+                expect(page.get_by_text("Download mask (label.nii.gz)")).to_be_visible(
+                    timeout=60_000)
+                # the UNet3D app's tabs and class histogram
+                expect(page.get_by_role("tab", name="Via API HTTP")).to_be_visible()
+                expect(page.get_by_role("tab", name="Local")).to_be_visible()
+                expect(page.get_by_text("Class histogram")).to_be_visible(timeout=60_000)
                 expect(page.get_by_text("Model card")).to_be_visible()
                 shot = tmp_path / "ui.png"
                 page.screenshot(path=str(shot), full_page=True)

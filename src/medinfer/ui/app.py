@@ -4,11 +4,13 @@ Run with ``medinfer ui`` (or ``streamlit run src/medinfer/ui/app.py``). Environm
 ``MEDINFER_UI_API_URL`` (default API URL), ``MEDINFER_UI_API_KEY``, ``MEDINFER_MODEL``
 (model for local runs), ``MEDINFER_UI_MODE`` (``API`` or ``Local``).
 
-Views: the scan in three planes (axial, coronal, sagittal; voxel axes reoriented to the
-closest RAS+ frame without resampling, so a slice is one voxel layer of the source grid)
-with the label map overlaid in the model card's colours (opacity slider), a per-class
-volume table (mL) and bar chart, a download button for the label map (NIfTI, source
-grid) and the model card.
+Two tabs choose where the model runs: "Via API HTTP" (the service at the API URL) and
+"Local" (this machine, ``MEDINFER_MODEL``). Views: the scan in three planes (axial,
+coronal, sagittal; voxel axes reoriented to the closest RAS+ frame without resampling, so
+a slice is one voxel layer of the source grid) with the label map overlaid in the model
+card's colours (opacity slider), a per-class volume table (mL) and bar chart, the class
+histogram (voxels per class, background included), a download button for the label map
+(NIfTI, source grid) and the model card.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 
 from medinfer.ui.render import (
     PLANES,
+    class_histogram,
     class_table,
     display_spacing,
     overlay_slice,
@@ -70,17 +73,28 @@ def main() -> None:
 
     st.set_page_config(page_title="medinfer review", layout="wide")
     st.title("medinfer review")
-    with st.sidebar:
-        st.header("Run")
-        modes = ["API", "Local"]
-        default_mode = os.environ.get("MEDINFER_UI_MODE", "API")
-        mode = st.radio("Run the model", modes,
-                        index=modes.index(default_mode) if default_mode in modes else 0)
+    state = st.session_state
+    modes = ["API", "Local"]
+    default_mode = os.environ.get("MEDINFER_UI_MODE", "API")
+    state.setdefault("mode", default_mode if default_mode in modes else "API")
+    # the UNet3D app's two tabs: run through the HTTP API, or on this machine
+    tab_api, tab_local = st.tabs(["Via API HTTP", "Local"])
+    with tab_api:
         api_url = st.text_input("API URL", os.environ.get("MEDINFER_UI_API_URL",
                                                           "http://127.0.0.1:8000"))
         api_key = st.text_input("API key", os.environ.get("MEDINFER_UI_API_KEY", ""),
                                 type="password")
-        model = st.text_input("Local model", os.environ.get("MEDINFER_MODEL", "demo-brain"))
+        if st.button("Run via the API"):
+            state["mode"] = "API"
+    with tab_local:
+        model = st.text_input("Local model (checkpoint, model folder or bundled name)",
+                              os.environ.get("MEDINFER_MODEL", "demo-brain"))
+        if st.button("Run locally"):
+            state["mode"] = "Local"
+    mode = state["mode"]
+    with st.sidebar:
+        st.header("View")
+        st.caption(f"runs: {'via API HTTP' if mode == 'API' else 'Local'}")
         opacity = st.slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05)
 
     uploaded = st.file_uploader("Scan: NIfTI (.nii, .nii.gz) or a zip of a DICOM series",
@@ -91,7 +105,6 @@ def main() -> None:
     data = uploaded.getvalue()
     digest = hashlib.sha256(data).hexdigest()[:16]
     run_key = f"{digest}:{mode}:{api_url}:{model}"
-    state = st.session_state
     if state.get("run_key") != run_key or st.sidebar.button("Run again"):
         settings = load_settings()
         limits = Limits(settings.max_upload_bytes, settings.max_voxels,
@@ -141,6 +154,9 @@ def main() -> None:
     rows = class_table(res["summary"], card)
     st.table(rows)
     st.bar_chart({r["class"]: r["volume (mL)"] for r in rows if r["value"] != 0})
+    st.subheader("Class histogram")
+    st.caption("voxels per class of the label map (background included)")
+    st.bar_chart({r["class"]: r["voxels"] for r in class_histogram(res["summary"], card)})
     st.download_button("Download mask (label.nii.gz)", res["label_bytes"],
                        file_name="label.nii.gz", mime="application/gzip")
     with st.expander("Model card"):

@@ -86,6 +86,23 @@ def class_table(summary: Mapping[str, Any], card: Mapping[str, Any]) -> list[dic
     return rows
 
 
+def class_histogram(summary: Mapping[str, Any],
+                    card: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Rows ``{value, class, voxels}`` for every card label, background included (its count
+    is the grid's voxel count, ``prod(summary["shape"])``, minus the other classes)."""
+    rows = class_table(summary, card)
+    total = int(np.prod([int(s) for s in summary.get("shape", [])])) \
+        if summary.get("shape") else 0
+    labels = card.get("labels", {})
+    bg = next((spec for key, spec in labels.items() if int(key) == 0), None)
+    out = [{"value": r["value"], "class": r["class"], "voxels": r["voxels"]} for r in rows]
+    if bg is not None:
+        rest = sum(r["voxels"] for r in rows)
+        out.insert(0, {"value": 0, "class": str(bg.get("name", 0)),
+                       "voxels": max(0, total - rest)})
+    return out
+
+
 def display_spacing(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel size (mm) along the display axes of :func:`to_display_frame` (R, A, S)."""
     import nibabel.orientations as nio

@@ -8,8 +8,8 @@ the pipeline is :mod:`medinfer.detection`, post-processing
 order (as :func:`load_scan` returns it), *spacing* the voxel size along ``I, J, K`` in mm.
 :func:`load_scan` returns a :class:`ScanArray`, a NumPy array that also carries the
 file's affine (voxel -> RAS+ mm), so detections from it are in the scan's **RAS+ mm**
-world frame (NIfTI convention; x = right-to-left is *negative* towards the patient's
-right... i.e. +x = patient left, +y = anterior, +z = superior). A plain array has no
+world frame (NIfTI convention: x grows towards the patient's Right, y Anterior,
+z Superior; DICOM LPS has x and y negated). A plain array has no
 affine: then ``diag(spacing)`` is assumed (voxel ``(0, 0, 0)`` at the origin, axes I, J, K
 along x, y, z), and ``coordinates`` are ``index * spacing`` mm. ``coordinates_voxel``
 are integer indices ``(i, j, k)`` in either case. Detections are the dicts of
@@ -352,15 +352,28 @@ def extract_properties(scan: Any, coordinates: Sequence[float], diameter: float,
     centre = vol.world_to_voxel(np.asarray(coordinates, dtype=float)[None])[0]
     if np.any(centre < -0.5) or np.any(centre > np.array(img.shape) - 0.5):
         raise InvalidImageError(f"coordinates {list(coordinates)}: outside the scan")
-    idx = np.indices(img.shape).reshape(3, -1).T
-    world = vol.voxel_to_world(idx)
+    # work in the box around the ball: |A d| <= r bounds d_i by r * |row i of A^-1|
+    radius = float(diameter) / 2.0
+    inv = np.linalg.inv(vol.affine[:3, :3])
+    half = np.ceil(radius * np.linalg.norm(inv, axis=1)).astype(int) + 1
+    c = np.clip(np.round(centre).astype(int), 0, np.array(img.shape) - 1)
+    lo = np.maximum(c - half, 0)
+    hi = np.minimum(c + half + 1, img.shape)
+    crop = img[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    aff = vol.affine @ shift
+    idx = np.indices(crop.shape).reshape(3, -1).T
+    world = (aff @ np.c_[idx, np.ones(len(idx))].T).T[:, :3]
     inside = (np.linalg.norm(world - np.asarray(coordinates, float), axis=1)
-              <= float(diameter) / 2.0).reshape(img.shape)
-    peak = tuple(int(v) for v in np.clip(np.round(centre), 0, np.array(img.shape) - 1))
+              <= radius).reshape(crop.shape)
+    pi, pj, pk = (int(v) for v in c - lo)
+    peak = (pi, pj, pk)
     inside[peak] = True
     heat = inside.astype(np.float32)
     labels = cc3d.connected_components(inside, connectivity=26)
-    f = finding_properties(heat, labels, peak, 1.0, vol.affine, img, volume_method="binary")
+    f = finding_properties(heat, labels, peak, 1.0, aff, np.ascontiguousarray(crop),
+                           volume_method="binary")
     return {"volume_mm3": float(f.volume_mm3), "diameter_mm": float(f.diameter_mm),
             "mean_intensity": f.mean_intensity, "std_intensity": f.std_intensity,
             "sphericity": f.sphericity}
