@@ -60,7 +60,8 @@ def _same_outputs(out: Path, local: Path) -> None:
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
+             _temp_dir=tmp)
     yield
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
@@ -111,7 +112,7 @@ def test_ray_start_cluster_head_and_worker(local_ray: None, cohort: tuple[Path, 
     ray_bin = str(Path(sys.executable).with_name("ray"))
     port = _free_port()
     tmp = tempfile.mkdtemp(prefix="rayc", dir="/tmp")
-    common = ["--num-cpus", "1", "--block", "--disable-usage-stats"]
+    common = ["--num-cpus", "1", "--num-gpus", "0", "--block", "--disable-usage-stats"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
@@ -130,10 +131,12 @@ def test_ray_start_cluster_head_and_worker(local_ray: None, cohort: tuple[Path, 
             time.sleep(0.5)
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         out = tmp_path / "cluster"
-        summary = distributed_inference(str(model_dir), [folder], num_gpus=0, batch_size=2,
+        # the call of the PIVOT guide; no GPU in this cluster: CPU workers, one per node
+        summary = distributed_inference(str(model_dir), [folder], num_gpus=1, batch_size=2,
                                         output_dir=out, return_outputs=True)
         assert summary["counts"]["ok"] == N_CASES
         _same_outputs(out, local)
+        assert len({c["worker"].split(":")[-1] for c in summary["cases"]}) == 2
         assert final_files(out) == final_files(local)
         # resume semantics are the same as a local batch: nothing left to do
         again = distributed_inference(str(model_dir), [folder], output_dir=out,

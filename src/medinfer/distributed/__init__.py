@@ -158,8 +158,9 @@ def run_on_ray(
         opens its own model; ``device`` becomes ``cuda`` on GPU actors).
     output_dir : the output folder (shared by the workers unless ``return_outputs``).
     address : Ray address (``None``/``""``: connect as ``ray.init()`` does).
-    num_gpus : GPUs to use, one actor per GPU; 0 = CPU actors.
-    num_workers : CPU actors (default: cluster CPUs // ``cpus_per_worker``, at least 1).
+    num_gpus : GPUs to use, one actor per GPU; 0 = CPU actors. More than the cluster
+        has: as many as it has (none: CPU actors), with a warning.
+    num_workers : CPU actors (default and at most: cluster CPUs // ``cpus_per_worker``).
     cpus_per_worker : CPUs (and torch threads) per CPU actor.
     max_retries : how often a failed case (or a case whose worker died) is retried.
     return_outputs : send the files to the driver, which writes them (no shared disk).
@@ -180,13 +181,27 @@ def run_on_ray(
                           f"{num_workers}")
     started = _connect(ray, address)
     try:
+        # never ask for more than the cluster has: actors that cannot be placed would
+        # hold their queued cases forever
+        resources = ray.cluster_resources()
+        cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+        if cpus_per_worker > max(cpus, 1):
+            raise ConfigError(f"cpus_per_worker: {cpus_per_worker} is more than the Ray "
+                              f"cluster's {cpus} CPU(s)")
+        fit = max(1, cpus // cpus_per_worker)
+        if num_gpus > gpus:
+            log.warning("num_gpus=%d but the Ray cluster has %d GPU(s): using %s", num_gpus,
+                        gpus, f"{gpus} GPU worker(s)" if gpus else "CPU workers")
+            num_gpus = gpus
         if num_gpus:
-            n_actors = num_gpus
+            n_actors = min(num_gpus, fit)
             options: dict[str, Any] = {"num_gpus": 1, "num_cpus": cpus_per_worker}
             kwargs = {**predictor_kwargs, "device": "cuda"}
         else:
-            cpus = int(ray.cluster_resources().get("CPU", 1))
-            n_actors = num_workers or max(1, cpus // cpus_per_worker)
+            if num_workers is not None and num_workers > fit:
+                log.warning("num_workers=%d: the Ray cluster fits %d worker(s) of %d CPU(s)",
+                            num_workers, fit, cpus_per_worker)
+            n_actors = min(num_workers or fit, fit)
             options = {"num_cpus": cpus_per_worker}
             kwargs = {**predictor_kwargs, "device": "cpu"}
         n_actors = max(1, min(n_actors, len(specs)))
