@@ -1058,7 +1058,8 @@ def _pixel_array(e: _Entry, rows: int, cols: int) -> np.ndarray:
         ts = ""
         meta = getattr(e.ds, "file_meta", None)
         if meta is not None and "TransferSyntaxUID" in meta:
-            ts = f" (transfer syntax {meta.TransferSyntaxUID.name})"
+            uid = meta.TransferSyntaxUID  # a corrupt file may hold anything here
+            ts = f" (transfer syntax {getattr(uid, 'name', str(uid))})"
         raise InvalidImageError(
             f"{e.path}: cannot decode the pixel data{ts}: {type(exc).__name__}: {exc}. "
             "The file may be truncated, or its compression needs an extra decoder "

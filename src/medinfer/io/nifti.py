@@ -82,7 +82,9 @@ def read_nifti(path: str | os.PathLike[str], *, max_bytes: int | None = None) ->
         ``array`` ``(C, I, J, K)`` (see the module docstring for 4-D/5-D files) in the
         stored dtype (native byte order), or float32 when the header scales the data
         (``scl_slope`` not 0/1 or ``scl_inter`` not 0; float64 when the stored type is
-        32/64-bit or float64); ``affine`` voxel -> RAS+ mm; ``meta`` with ``format``
+        32/64-bit or float64, or when scaled integers would overflow float32). Peak
+        memory is the returned array plus a 1 MiB block (scaling is applied block by
+        block while reading); ``affine`` voxel -> RAS+ mm; ``meta`` with ``format``
         ``"nifti"``, ``source`` and the ``nifti`` header facts.
 
     Raises
@@ -95,6 +97,8 @@ def read_nifti(path: str | os.PathLike[str], *, max_bytes: int | None = None) ->
     ResourceLimitError
         The header's voxel count times the element size exceeds ``max_bytes``
         (checked before anything is allocated).
+    InvalidImageError
+        Scaled integer values beyond the float64 range.
     GeometryError
         The header's affine is singular or not finite.
     """
