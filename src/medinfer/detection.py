@@ -441,8 +441,12 @@ def write_case_outputs(
     card: Any,
     categories: Sequence[str],
     started: float,
+    shared_plotlyjs: bool = False,
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     """Write the per-scan files selected in ``cfg.output.formats``.
+
+    ``shared_plotlyjs`` (batches): the 3-D HTML pages load one ``plotly.min.js`` in the
+    output folder instead of each inlining plotly.js.
 
     ``started`` is the :func:`time.perf_counter` value when reading the scan began; the
     JSON's ``summary.processing_time_seconds`` runs from it to the end of writing the other
@@ -453,6 +457,7 @@ def write_case_outputs(
     (paths, document)
         kind -> path of each written file, and the detections document.
     """
+    from medinfer.inference.outputs import compact_probabilities
     from medinfer.io import save
     from medinfer.reporting.detections import (
         detection_document,
@@ -468,7 +473,11 @@ def write_case_outputs(
         out["csv"] = write_detections_csv(detections, output_dir / f"{case}_detections.csv",
                                           scan_id=case)
     if OutputFormat.HEATMAP in fmts:
-        out["heatmap"] = save(heatmap, output_dir / f"{case}_heatmap.nii.gz")
+        # uint8 + scl_slope 1/255 (readers see values within 1/510); the .npy is float32
+        from medinfer.io.nifti import derived_from  # the source's qform/sform codes
+
+        out["heatmap"] = save(compact_probabilities(derived_from(heatmap, image)),
+                              output_dir / f"{case}_heatmap.nii.gz")
     if OutputFormat.HEATMAP_NPY in fmts:
         out["heatmap_npy"] = write_npy_atomic(output_dir / f"{case}_heatmap.npy",
                                               np.asarray(heatmap.array[0], dtype=np.float32))
@@ -488,7 +497,8 @@ def write_case_outputs(
             output_dir / f"{case}_3d.html", image, heatmap, detections,
             title=f"{case}: {len(detections)} finding(s) ({card.name})",
             threshold=cfg.post_processing.segmentation_threshold, window_hu=vis.window_hu,
-            max_points=vis.html_max_points)
+            max_points=vis.html_max_points,
+            plotlyjs="shared" if shared_plotlyjs else "inline")
     doc = detection_document(case, image, detections, model=card.name,
                              model_version=str(card.version), categories=categories,
                              processing_time_seconds=time.perf_counter() - started)
@@ -673,7 +683,8 @@ def predict_detection(
     def write(case: str, f: Path, t0: float, image: Volume, heat: Volume,
               dets: list[dict[str, Any]]) -> dict[str, Any]:
         paths, _ = write_case_outputs(output_dir, case, image, heat, dets, cfg, card=card,
-                                      categories=categories, started=t0)
+                                      categories=categories, started=t0,
+                                      shared_plotlyjs=len(files) > 1)
         counts = {c: 0 for c in categories}
         for d in dets:
             cat = d["triage"]["risk_category"]

@@ -140,7 +140,9 @@ def test_heatmap_on_source_grid(batch: dict[str, Any], case: str) -> None:
     assert hm.shape == src.shape
     np.testing.assert_allclose(hm.affine, src.affine, atol=1e-5)
     data = np.asarray(hm.dataobj)
-    assert data.dtype == np.float32 and data.min() >= 0.0 and data.max() <= 1.0
+    # stored compactly: uint8 with scl_slope 1/255 (issue 17 item 14), read as 0..1
+    assert hm.get_data_dtype() == np.uint8 and hm.dataobj.slope == pytest.approx(1 / 255)
+    assert data.dtype.kind == "f" and data.min() >= 0.0 and data.max() <= 1.0
     if case == "with":  # the heat map is high at the finding centres
         doc = _doc(batch, case)
         for d in doc["detections"]:

@@ -1,13 +1,14 @@
 """Compact storage of probability maps written by ``medinfer predict``.
 
 A float32 4-D probability map of a 1-mm brain with 4 classes is about 99 MB. By default
-``<case>_prob.nii.gz`` stores each probability as ``uint8`` with ``scl_slope = 1/255``
-(``scl_inter = 0``): every NIfTI reader (nibabel, ITK, 3D Slicer) applies the scaling
-and sees values ``k / 255`` in ``[0, 1]``; the quantisation error is at most
-``1 / 510`` (0.002). ``--prob-dtype float32`` keeps full precision. The encoding goes
-through :func:`medinfer.io.nifti.write_nifti`'s exact source-scaling path (the values
-handed to the writer are exactly ``uint8 * float32(1/255)``, so it stores the integers
-and the slope).
+``<case>_prob.nii.gz`` (and the detection pipeline's ``<case>_heatmap.nii.gz``) stores
+each value as ``uint8`` with ``scl_slope`` ~ 1/255 (``scl_inter = 0``): every NIfTI
+reader (nibabel, ITK, 3D Slicer) applies the scaling and sees values ``k * slope`` in
+``[0, 1]`` (``slope`` = the float32 just below 1/255, so 255 maps to at most 1); the
+quantisation error is at most ``1 / 510`` (0.002) plus 1e-7. ``--prob-dtype float32``
+keeps full precision. The encoding goes through :func:`medinfer.io.nifti.write_nifti`'s
+exact source-scaling path (the values handed to the writer are exactly
+``uint8 * slope`` in float32, so it stores the integers and the slope).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from medinfer.volume import Volume
 
 __all__ = ["ProbDtype", "UINT8_SLOPE", "compact_probabilities"]
 
-#: the scl_slope of uint8 probability maps (float32 as the NIfTI-1 header stores it)
-UINT8_SLOPE = float(np.float32(1.0 / 255.0))
+#: the scl_slope of uint8 probability maps: the float32 (as the NIfTI-1 header stores
+#: it) just below 1/255, so that 255 * slope <= 1 in any reader's arithmetic
+UINT8_SLOPE = float(np.nextafter(np.float32(1.0 / 255.0), np.float32(0.0)))
 
 
 class ProbDtype(StrEnum):

@@ -1,6 +1,9 @@
 """Interactive 3-D view of detection results: a self-contained HTML file (plotly).
 
-The page holds plotly.js inline (``include_plotlyjs=True``), so it opens offline. Scene in
+The page holds plotly.js inline (``include_plotlyjs=True``), so it opens offline; in batch
+output folders (``plotlyjs="shared"``) the pages instead load one shared copy,
+``plotly.min.js`` beside them (written once, from the installed plotly: no CDN, still
+offline), which saves the ~4.6 MB of plotly.js per page. Scene in
 world RAS+ mm (x = R, y = A, z = S) with equal aspect:
 
 * a point cloud of the scan (voxels inside the display window, subsampled to at most
@@ -73,8 +76,21 @@ def write_detection_html(
     colormap: str = "Hot",
     max_points: int = 60000,
     seed: int = 0,
+    plotlyjs: str = "inline",
 ) -> Path:
-    """Write ``<case>_3d.html`` (self-contained, see module doc); returns the path."""
+    """Write ``<case>_3d.html`` (see module doc); returns the path.
+
+    ``plotlyjs``: ``"inline"`` (self-contained page) or ``"shared"`` (the page loads
+    ``plotly.min.js`` from its own folder; the file is written there if missing).
+
+    Raises
+    ------
+    MedinferError
+        plotly is not installed, or ``plotlyjs`` is neither ``inline`` nor ``shared``.
+    """
+    if plotlyjs not in ("inline", "shared"):
+        raise MedinferError(f"plotlyjs: {plotlyjs!r} is not allowed; choose 'inline' or "
+                            "'shared'")
     go = _plotly()
     rng = np.random.default_rng(seed)
     img = np.asarray(image.array[0], dtype=np.float32)
@@ -116,6 +132,25 @@ def write_detection_html(
                "aspectmode": "data"},
         margin={"l": 0, "r": 0, "t": 40, "b": 0},
     )
-    html = fig.to_html(include_plotlyjs=True, full_html=True,
+    shared = plotlyjs == "shared"
+    if shared:
+        _write_shared_plotlyjs(Path(path).parent)
+    html = fig.to_html(include_plotlyjs="directory" if shared else True, full_html=True,
                        config={"displaylogo": False, "responsive": True})
     return write_text_atomic(path, html)
+
+
+#: the shared plotly.js file name that ``include_plotlyjs="directory"`` pages load
+SHARED_PLOTLYJS = "plotly.min.js"
+
+
+def _write_shared_plotlyjs(folder: Path) -> Path:
+    """``folder/plotly.min.js`` from the installed plotly, written (atomically) if missing
+    or different."""
+    from plotly.offline import get_plotlyjs
+
+    target = folder / SHARED_PLOTLYJS
+    source = get_plotlyjs()
+    if not target.is_file() or target.stat().st_size != len(source.encode("utf-8")):
+        write_text_atomic(target, source)
+    return target
