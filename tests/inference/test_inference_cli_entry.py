@@ -85,3 +85,12 @@ def test_version_flag_and_python_m(capsys: pytest.CaptureFixture[str],
     proc = subprocess.run([sys.executable, "-m", "medinfer", "--version"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == f"medinfer {__version__}"
+
+
+@pytest.mark.parametrize("module", ["medinfer.slices", "medinfer.slices.reconstruct",
+                                    "medinfer.data", "medinfer.compat.pivot.main"])
+def test_advertised_python_m_modules_run(module: str, tmp_path: Path) -> None:
+    """Every ``python -m medinfer...`` the docs advertise runs its command (no silent 0)."""
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Usage:" in proc.stdout, proc.stderr
