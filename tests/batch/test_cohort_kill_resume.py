@@ -18,7 +18,7 @@ from batch_helpers import final_files, manifest, write_nifti
 
 from medinfer.cli import main
 
-N = 12
+N = 8
 
 
 def _complete(out: Path) -> None:
