@@ -182,9 +182,17 @@ class SafeUnpacker:
                 self._refuse(name, None, "the request's total size limit "
                              f"({self.limits.max_total_bytes} bytes) is reached")
                 return
-            path = folder / PurePosixPath(norm).name
-            folder.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+            # raw files of one request share a folder (a DICOM series sent file by file);
+            # a name already there gets a numbered suffix, nothing is overwritten
+            raw_dir = self.root / "raw"
+            raw_dir.mkdir(exist_ok=True)
+            leaf = PurePosixPath(norm).name
+            path, n = raw_dir / leaf, 1
+            while path.exists():
+                n += 1
+                path = raw_dir / f"{n}_{leaf}"
+            with open(path, "xb") as fh:
+                fh.write(data)
             self._total += len(data)
             self.result.files[path] = name
             return
