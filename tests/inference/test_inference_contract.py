@@ -81,3 +81,30 @@ def test_refusing_card_raises_unless_forced() -> None:
     assert image.array.dtype == np.float32
     with pytest.raises(Exception, match="mismatch"):
         _card("MR", mismatch="sometimes")
+
+
+def test_cli_refuses_then_force_runs(tmp_path: Path, model_dir: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import nibabel as nib
+    import yaml
+    from inference_helpers import card_dict
+
+    from medinfer.cli import main
+
+    card = card_dict()
+    card["input"] = {**card["input"], "modality": "CT", "mismatch": "refuse"}
+    (model_dir / "model.yaml").write_text(yaml.safe_dump(card))
+    mr = (np.random.default_rng(0).normal(size=(14, 12, 6)) * 50 + 300).astype(np.int16)
+    nib.save(nib.Nifti1Image(mr, AFFINE), str(tmp_path / "mr.nii.gz"))
+    args = ["predict", str(tmp_path / "mr.nii.gz"), "--model", str(model_dir), "--device",
+            "cpu", "--no-tta"]
+    with pytest.raises(SystemExit) as info:
+        main([*args, "-o", str(tmp_path / "refused")])
+    assert info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "do not look like a CT in Hounsfield units" in err and "--force" in err
+    assert not list((tmp_path / "refused").glob("*_seg.nii.gz"))
+    with pytest.raises(SystemExit) as info:
+        main([*args, "-o", str(tmp_path / "forced"), "--force"])
+    assert info.value.code in (0, None)
+    assert (tmp_path / "forced" / "mr_seg.nii.gz").is_file()
