@@ -61,17 +61,21 @@ def read_dicom_result(
     p = Path(path)
     from medinfer.io._dicom_guard import dcmread_bounded
 
+    parse_errors = (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError,
+                    IndexError, AttributeError, NotImplementedError, OverflowError,
+                    struct.error, zlib.error, BytesLengthException)
     try:
         # force: DICOM without preamble (raw data sets) reach here too; bounded: hostile
         # lengths and deflate streams cost no more than the file holds
         head = dcmread_bounded(p, stop_before_pixels=True, force=True)
     except MedinferError:
         raise
-    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError,
-            IndexError, AttributeError, NotImplementedError, OverflowError,
-            struct.error, zlib.error, BytesLengthException) as exc:
+    except parse_errors as exc:
         raise InvalidImageError(f"{p}: not a readable DICOM file ({exc})") from None
-    kind = _KINDS.get(str(head.get("SOPClassUID", "")))
+    try:
+        kind = _KINDS.get(str(head.get("SOPClassUID", "")))
+    except parse_errors as exc:  # elements are parsed lazily
+        raise InvalidImageError(f"{p}: unreadable SOPClassUID ({exc})") from None
     if kind is None:
         return None
     if kind == "seg":
