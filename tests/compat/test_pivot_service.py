@@ -15,15 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import nibabel as nib
-import numpy as np
 import pytest
 
 SERVE_TESTS = Path(__file__).resolve().parents[1] / "serve"
 sys.path.insert(0, str(SERVE_TESTS))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _compat_data import small_ct  # noqa: E402
 from _serve_support import running_server, wait_job  # noqa: E402
-
-CT = Path(__file__).resolve().parents[1] / "data" / "ct" / "ct_head_brain_atlas_1mm.nii.gz"
 
 #: a PIVOT-spelled config (described keys only)
 CONFIG = """\
@@ -45,27 +43,12 @@ post_processing:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 64 x 64 x 48 mm crop of the head CT with a 12 mm, 120 HU lesion, and the config."""
+    """A crop of the head CT with inserted lesions, and the config."""
     folder = tmp_path_factory.mktemp("pivot-service")
-    img = nib.load(str(CT))
-    data = np.asanyarray(img.dataobj).astype(np.int16)
-    c = [s // 2 for s in data.shape]
-    crop = data[c[0] - 32:c[0] + 32, c[1] - 32:c[1] + 32, c[2] - 24:c[2] + 24].copy()
-    grid = np.stack(np.meshgrid(*[np.arange(s) for s in crop.shape], indexing="ij"))
-    crop[((grid - np.array([32, 30, 24])[:, None, None, None]) ** 2).sum(0) < 36] = 120
-    aff = img.affine.copy()
-    aff[:3, 3] = (img.affine @ [c[0] - 32, c[1] - 32, c[2] - 24, 1])[:3]
-    nib.save(nib.Nifti1Image(crop[::-1], aff @ np.diag([-1, 1, 1, 1]) @ _shift(63)),
-             str(folder / "scan.nii.gz"))  # stored with the first axis flipped (L->R)
+    small_ct(folder / "scan.nii.gz")
     (folder / "inference.yaml").write_text(CONFIG)
     return {"scan": folder / "scan.nii.gz", "config": folder / "inference.yaml",
             "dir": folder}
-
-
-def _shift(n: int) -> np.ndarray:
-    m = np.eye(4)
-    m[0, 3] = -n
-    return m
 
 
 @pytest.fixture(scope="module")
