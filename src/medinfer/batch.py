@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 MANIFEST_FORMAT = "medinfer-run/1"
-_ID_MAX = 100
+_ID_MAX = 64  # + "-<8 hex>" keeps names within medinfer._atomic's 80-character prefix
 
 
 class NameBy(StrEnum):
@@ -377,6 +377,11 @@ def _decide(s: CaseSpec, out_dir: Path, info: RunInfo, *, skip_existing: bool,
     stats_path = out_dir / f"{s.case_id}_stats.json"
     stats = _read_stats(stats_path) if stats_path.exists() else None
     if stats is None and not stats_path.exists():
+        seg = out_dir / f"{s.case_id}_seg.nii.gz"
+        if seg.exists() and not (overwrite or skip_existing):  # an output without record
+            s.action = "fail"
+            s.error = (f"{seg}: an output of an earlier run exists; use --overwrite to "
+                       f"replace it or --continue to redo unfinished cases")
         return
     if stats is not None and _stats_source(stats) not in ("", s.source_key):
         # an output of another source holds this name: never replace it
@@ -406,14 +411,12 @@ def remove_stale_temporaries(out_dir: Path, name: str) -> None:
     """Delete temporary files a killed run left for case ``name`` (never final files)."""
     if not out_dir.is_dir():
         return
-    for p in out_dir.glob(f".{glob_escape(name)}_*.part*"):
-        if p.is_file():
+    # ".<name>_<kind>.<...>.part<suffix>" (medinfer._atomic); kinds have no "_", so the
+    # temporaries of a case "<name>_x" (perhaps being written by another part) never match
+    mine = re.compile(rf"^\.{re.escape(name)}_[^_.]+\..*\.part")
+    for p in out_dir.iterdir():
+        if mine.match(p.name) and p.is_file():
             p.unlink(missing_ok=True)
-
-
-def glob_escape(text: str) -> str:
-    """Escape ``[``, ``*``, ``?`` for :meth:`pathlib.Path.glob`."""
-    return re.sub(r"([\[\]*?])", r"[\1]", text)
 
 
 # -------------------------------------------------------------------------- records

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,10 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path: Path, model_dir: P
     # other settings: --continue does not pass the old outputs off as done
     assert _predict([scan], model_dir, out, "--continue", "--save-probabilities") == 2
     assert "other settings" in capsys.readouterr().err
+    # a label map without its stats file (no record of its source) is kept too
+    (out / "head_stats.json").unlink()
+    assert _predict([scan], model_dir, out) == 2
+    assert "head_seg.nii.gz" in capsys.readouterr().err
 
 
 def test_same_description_of_two_patients_across_runs(tmp_path: Path, model_dir: Path) -> None:
@@ -240,3 +245,22 @@ def test_ray_option_without_ray_says_how_to_install(
     err = capsys.readouterr().err
     assert "pip install 'medinfer[ray]'" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_stale_temporaries_of_this_case_only(tmp_path: Path) -> None:
+    from medinfer._atomic import atomic_paths
+    from medinfer.batch import remove_stale_temporaries
+
+    finals = {"seg": tmp_path / "a_seg.nii.gz", "stats": tmp_path / "a_stats.json",
+              "other": tmp_path / "a_b_seg.nii.gz"}
+    with pytest.raises(RuntimeError), atomic_paths(finals) as tmp:
+        # what a killed run leaves: temporaries named as medinfer._atomic names them
+        for p in tmp.values():
+            p.write_bytes(b"partial")
+            (tmp_path / p.name.replace(".part", ".x.part")).write_bytes(b"partial")
+        raise RuntimeError("killed")
+    names = {p.name for p in tmp_path.iterdir()}
+    assert len(names) == 3 and all(n.startswith(".") for n in names)
+    remove_stale_temporaries(tmp_path, "a")
+    left = [n for n in os.listdir(tmp_path)]
+    assert len(left) == 1 and left[0].startswith(".a_b_seg.nii.gz")
