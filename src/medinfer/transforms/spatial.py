@@ -841,8 +841,9 @@ class SlabResampler:
             # integer shifts / flips are plain views
             view2: list[slice] = [slice(None)] * 4
             for c in range(3):
-                if sub[c].sl is not None:
-                    view2[c + 1] = sub[c].sl
+                sl = sub[c].sl
+                if sl is not None:
+                    view2[c + 1] = sl
                     sub[c] = AxisPlan.identity(sub[c].m)
             blk = blk[tuple(view2)]
             todo = [c for c in order if not sub[c].is_identity]
