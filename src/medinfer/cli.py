@@ -43,6 +43,7 @@ _PLUGINS: list[str] = [
     "medinfer.compat.pivot.main",
     "medinfer.formats.nnunet_cli",
     "medinfer.pacs.cli",
+    "medinfer.federated.cli",
 ]
 
 
