@@ -684,7 +684,8 @@ def run_local(
 
     def record_failure(spec: CaseSpec, exc: BaseException) -> CaseRecord:
         rec = CaseRecord.for_spec(spec, manifest.info, CaseStatus.FAILED,
-                                  error=error_text(exc), attempts=1)
+                                  error=error_text(exc), attempts=1,
+                                  worker=f"0:{processors[0].device}")
         manifest.add(rec, save=keep_going)  # else the error is raised, nothing written
         return rec
 
@@ -736,7 +737,8 @@ def run_local(
             return
         rec = CaseRecord.for_spec(spec, manifest.info, CaseStatus.OK, attempts=1,
                                   timings_s={k: round(v, 4) for k, v in pred.timings.items()},
-                                  outputs=[p.name for p in outputs.values()])
+                                  outputs=[p.name for p in outputs.values()],
+                                  worker=f"0:{proc.device}")
         manifest.add(rec)
         if on_done is not None:
             on_done(spec, rec, (pred, outputs))
