@@ -257,3 +257,26 @@ def test_18_4_zip_bomb_refused_from_declared_sizes_before_writing(tmp_path: Path
     with pytest.raises(UnsafeArchiveError, match="declare 6000000"):
         extract_zip(bomb, target, limits)
     assert not target.exists() or not any(target.iterdir())  # nothing written
+
+
+def test_18_10_outputs_of_a_row_finished_by_another_worker_are_kept(tmp_path: Path) -> None:
+    from medinfer.serve.jobs import JobManager
+    from medinfer.serve.uploads import Limits
+
+    store = JobStore(tmp_path / "store")
+    limits = Limits(max_upload_bytes=1 << 20, max_voxels=1 << 20,
+                    max_unpacked_bytes=1 << 20, max_archive_members=10)
+    manager = JobManager(store, lambda: None, limits, workers=1)  # type: ignore[arg-type,return-value]
+    job_id = store.new_id()
+    store.input_dir(job_id).mkdir(parents=True)
+    store.add(job_id, input_name="", config={}, queue_limit=10)
+    job = store.claim_next()
+    assert job is not None and job.id == job_id
+    out = store.output_dir(job_id)
+    out.mkdir(parents=True)
+    (out / "label.nii.gz").write_bytes(b"result of the other worker")
+    assert store.finish(job_id, JobStatus.SUCCEEDED, files=["label.nii.gz"])  # other worker
+    manager._end(job, JobStatus.FAILED, error=("InternalError", "this worker failed"))
+    assert (out / "label.nii.gz").read_bytes() == b"result of the other worker"
+    assert store.get(job_id).status is JobStatus.SUCCEEDED  # type: ignore[union-attr]
+    store.close()
