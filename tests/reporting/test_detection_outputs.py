@@ -232,6 +232,6 @@ def test_html_loads_in_headless_chromium(batch: dict[str, Any]) -> None:
         finally:
             browser.close()
     assert errors == []
-    ids = [d["id"] for d in _doc(batch, "with")["detections"]]
+    ids = [d["name"] for d in _doc(batch, "with")["detections"]]
     assert n_traces >= len(ids) + 1
     assert set(ids) <= set(names)
