@@ -23,7 +23,7 @@ def _listen(tmp: Path, model: Path, port: int, orthanc: OrthancServer,
            "--port", str(port), "--ae-title", "MEDINFER", "--allow-aet", "TESTSCU",
            "--allow-host", "127.0.0.1",
            "--forward", f"127.0.0.1:{orthanc.dicom_port}:ORTHANC",
-           "--storage", str(tmp / "node"), "--idle-timeout", "2", "--device", "cpu"]
+           "--storage", str(tmp / "node"), "--idle-timeout", "6", "--device", "cpu"]
     log = open(tmp / log_name, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
@@ -43,6 +43,27 @@ def _storescu(port: int, files: list[Path], aet: str = "TESTSCU") -> int:
                           *map(str, files), "-aet", aet, "-aec", "MEDINFER"],
                          capture_output=True, timeout=120)
     return res.returncode
+
+
+def _text_sr(folder: Path) -> Path:
+    """A Basic Text SR instance: a non-image SOP class the node must refuse to run on."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientID, ds.PatientName = "SR", "X", "X^"
+    ds.ValueType, ds.ContinuityOfContent = "CONTAINER", "SEPARATE"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    folder.mkdir()
+    path = folder / "sr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
 def _segs(orthanc: OrthancServer, study: str) -> list[dict[str, object]]:
@@ -68,6 +89,8 @@ def test_listen_survives_sigkill_and_forwards_one_seg(tmp_path, orthanc, seg_mod
     assert len(received) == 6  # every acknowledged instance is on disk
     proc = _listen(tmp_path, seg_model, port, orthanc, "listen2.log")
     try:
+        sr = _text_sr(tmp_path / "sr")
+        assert _storescu(port, [sr]) == 0  # accepted and kept, but no image to run on
         assert _storescu(port, files[6:]) == 0
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not _segs(orthanc, study):
@@ -78,9 +101,14 @@ def test_listen_survives_sigkill_and_forwards_one_seg(tmp_path, orthanc, seg_mod
         ref = segs[0]["ReferencedSeriesSequence"][0]  # type: ignore[index]
         assert ref["SeriesInstanceUID"] == series
         assert len(ref["ReferencedInstanceSequence"]) == len(files)
-        time.sleep(3)  # longer than the idle timeout: the series is not processed again
+        time.sleep(7)  # longer than the idle timeout: the series is not processed again
         assert len(_segs(orthanc, study)) == 1
+        sr_series = str(pydicom.dcmread(sr).SeriesInstanceUID)
+        log = (tmp_path / "listen2.log").read_text()
+        assert f"series {sr_series} failed" in log and "Traceback" not in log
+        assert proc.poll() is None  # the node stays up
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    assert len(list((tmp_path / "node" / "incoming").rglob("*.dcm"))) == len(files)
+    # every instance ever acknowledged is kept (the CT series and the SR)
+    assert len(list((tmp_path / "node" / "incoming").rglob("*.dcm"))) == len(files) + 1

@@ -97,10 +97,14 @@ class NodeState:
                 ("failed" if error else "done", time.time(), outputs, error, series_uid))
 
     def reset_interrupted(self) -> int:
-        """After a restart: series left ``processing`` go back to ``receiving``."""
+        """After a restart: series left ``processing`` go back to ``receiving``, and every
+        ``receiving`` series gets a fresh idle clock (a sender interrupted by the crash gets
+        the whole idle timeout to resume before the series counts as complete)."""
         with self._lock:
             cur = self._db.execute(
                 "UPDATE series SET status='receiving' WHERE status='processing'")
+            self._db.execute("UPDATE series SET last_instance=? WHERE status='receiving'",
+                             (time.time(),))
         return cur.rowcount
 
     def instance_count(self, series_uid: str) -> int:
