@@ -141,5 +141,19 @@ def main() -> Any:
                           simple_analysis=True, output_type="bytes")
 
 
-if __name__ == "__main__":  # pragma: no cover - the container entrypoint
-    main()
+def entrypoint() -> None:
+    """The container entrypoint (``python -m medinfer.federated.star``): :func:`main`, with a
+    one-line message on stderr and exit code 2 for a missing SDK or a bad configuration."""
+    import sys
+
+    from medinfer.errors import MedinferError
+
+    try:
+        main()
+    except MedinferError as exc:
+        sys.stderr.write(f"medinfer federated node: error: {exc}\n")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    entrypoint()
