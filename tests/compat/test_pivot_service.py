@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 SERVE_TESTS = Path(__file__).resolve().parents[1] / "serve"
@@ -68,8 +69,10 @@ def cli_doc(files: dict[str, Path]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     tmp = tmp_path_factory.mktemp("pivot-server")
+    # `medinfer serve` (the same app as `uvicorn medinfer.serve:app`, which the UNet3D tests
+    # run): it sets the WebSocket frame limit to the upload limit
     with running_server({"MEDINFER_MODEL": "demo-nodules", "MEDINFER_JOB_STORE": str(tmp)},
-                        tmp / "server.log") as srv:
+                        tmp / "server.log", via_cli=True) as srv:
         yield srv
 
 
@@ -167,3 +170,21 @@ def test_websocket_loop(server: Any, files: dict[str, Path], cli_doc: dict[str, 
     assert seen[-1]["status"] == "completed" and seen[-1]["detections"]
     centres = [d["coordinates"] for d in cli_doc["detections"]]
     assert seen[-1]["detections"][0]["coordinates"] in centres
+
+
+def test_websocket_takes_a_scan_over_16_mib_in_one_message(server: Any) -> None:
+    """uvicorn's default frame limit (16 MiB) would close the socket (1009); the server
+    reads the whole message and answers with a JSON error event (not a scan)."""
+    import websockets
+
+    blob = np.random.default_rng(0).integers(0, 255, 17 * 1024 * 1024, dtype=np.uint8)
+
+    async def send() -> dict[str, Any]:
+        uri = server.url.replace("http", "ws") + "/api/v1/inference/stream"
+        async with websockets.connect(uri, max_size=None) as websocket:
+            await websocket.send(blob.tobytes())
+            return dict(json.loads(await websocket.recv()))
+
+    event = asyncio.run(send())
+    assert event["status"] == "failed" and event["progress"] == 0.0
+    assert event["error"]["type"] != "PayloadTooLarge"
