@@ -42,7 +42,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, Any, cast
 
 __all__ = ["UnpackLimits", "RefusedInput", "Unpacked", "SafeUnpacker", "archive_kind"]
 
@@ -299,9 +299,10 @@ class SafeUnpacker:
     def _tar_stream(self, buf: io.BytesIO, kind: str | None) -> IO[bytes]:
         # the decompressors of the standard library read concatenated streams (RFC 1952
         # multi-member gzip, bzip2 / xz multi-stream), tarfile's own stream reader does not
-        return (gzip.GzipFile(fileobj=buf) if kind == "gz" else
-                bz2.BZ2File(buf) if kind == "bz2" else
-                lzma.LZMAFile(buf) if kind == "xz" else buf)
+        stream: Any = (gzip.GzipFile(fileobj=buf) if kind == "gz" else
+                       bz2.BZ2File(buf) if kind == "bz2" else
+                       lzma.LZMAFile(buf) if kind == "xz" else buf)
+        return cast(IO[bytes], stream)
 
     def _scan_tar(self, data: bytes, kind: str | None) -> None:
         """First pass over the headers only: member count and declared sizes, refused

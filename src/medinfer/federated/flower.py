@@ -139,7 +139,7 @@ def evaluate_cases(cases: Sequence[LabelledCase], model: str, device: str = "cpu
             d = _dice(pred == v, gt == v)
             dice[v].append(d)
             per_case[case][str(v)] = d
-            h = _hd95(pred == v, gt == v, volume.spacing)
+            h = _hd95(pred == v, gt == v, [float(x) for x in volume.spacing])
             if h is not None:
                 hd[v].append(h)
     return {"num_cases": len(cases), "labels": {str(v): n for v, n in labels.items()},
@@ -168,8 +168,8 @@ def aggregate(site_metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
                       for s, m in sorted(site_metrics.items())}}
 
 
-def _to_metric_record(m: Mapping[str, Any]) -> dict[str, float | int]:
-    out: dict[str, float | int] = {"num-cases": int(m["num_cases"])}
+def _to_metric_record(m: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"num-cases": int(m["num_cases"])}
     for k in m["dice_mean"]:
         out[f"dice.{k}"] = float(m["dice_mean"][k])
         out[f"hd95.{k}"] = float(m["hd95_mean"][k])
@@ -245,7 +245,7 @@ def make_apps(model: str, output_dir: str | os.PathLike[str], *, device: str = "
             if reply.has_error():
                 errors.append(str(reply.error.reason))
                 continue
-            rec = dict(reply.content["metrics"])
+            rec: dict[str, Any] = dict(reply.content["metrics"])
             site_metrics[f"site-{int(rec.pop('site'))}"] = _from_metric_record(rec)
         report: dict[str, Any] = {"model": model, "errors": errors}
         if site_metrics:
