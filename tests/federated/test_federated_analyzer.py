@@ -176,3 +176,46 @@ def test_main_without_and_with_the_sdk(env: dict[str, Path], tmp_path: Path,
         importlib.reload(node)  # back to our own bases
     assert not issubclass(node.NnUNetAnalyzer, io.IOBase)
     assert node.FROM_SDK is False
+
+
+SIGTERM_SCRIPT = """
+import sys, time, pathlib
+from medinfer.federated.analyzer import NodeConfig, run_analysis
+from medinfer.models.card import ModelCard
+
+ready = pathlib.Path(sys.argv[3])
+
+class Slow:
+    def predict(self, volume, progress=None):
+        ready.write_text("running")
+        time.sleep(120)
+
+card = ModelCard.from_yaml(sys.argv[2] + "/model.yaml")
+data = {"scan.nii.gz": pathlib.Path(sys.argv[4]).read_bytes()}
+run_analysis(data, NodeConfig(work_dir=sys.argv[1]), model=(card, Slow()))
+"""
+
+
+def test_sigterm_removes_the_work_folder(env: dict[str, Path], tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import time
+
+    work = tmp_path / "work"
+    work.mkdir()
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, str(work), str(env["model"]),
+                             str(ready), str(env["nii"])], stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):  # wait (up to 120 s) until the model runs inside the work folder
+            if ready.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert ready.exists(), proc.stderr.read() if proc.stderr else ""
+        assert [p.name for p in work.iterdir()][0].startswith("medinfer-fed-")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert list(work.iterdir()) == []
