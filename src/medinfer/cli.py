@@ -44,6 +44,7 @@ _PLUGINS: list[str] = [
     "medinfer.formats.nnunet_cli",
     "medinfer.pacs.cli",
     "medinfer.federated.cli",
+    "medinfer.training.cli",
 ]
 
 

@@ -1,0 +1,191 @@
+"""Training configuration (``train.yaml``): one validated pydantic model.
+
+Every setting of :func:`medinfer.training.train` lives here; the CLI flags of
+``medinfer train`` override the file's values. Unknown keys are refused (a typo must
+not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medinfer.errors import ConfigError
+from medinfer.models.card import Network
+
+
+class Loss(StrEnum):
+    """Segmentation loss: MONAI ``DiceCELoss`` or ``DiceFocalLoss`` (softmax, one-hot)."""
+
+    DICE_CE = "dice_ce"
+    DICE_FOCAL = "dice_focal"
+
+
+class Schedule(StrEnum):
+    """Learning-rate schedule over ``max_steps``: cosine annealing or polynomial (0.9)."""
+
+    COSINE = "cosine"
+    POLY = "poly"
+
+
+class TrainConfig(BaseModel):
+    """Settings of one training run.
+
+    Attributes
+    ----------
+    images, labels : folders of images and label maps (nnU-Net ``imagesTr``/``labelsTr``
+        naming, ``<case>_img``/``<case>_seg`` pairs in ``images`` alone, or a CSV/JSON
+        list given as ``cases``); see :func:`medinfer.training.data.find_pairs`.
+    cases : optional CSV/JSON file listing ``image,label[,case]`` rows (paths relative to it).
+    out : output folder; becomes a medinfer model folder (``model.yaml`` + weights).
+    labels_map : label value -> name; value 0 is background. Default: 0..num_classes-1.
+    num_classes : number of output channels (background included) when ``labels_map`` is
+        not given.
+    network : MONAI network class (``UNet``, ``BasicUNet``, ``SegResNet``, ``DynUNet``,
+        ``SwinUNETR``); ``network_kwargs`` are passed on (spatial_dims, in/out channels
+        are filled in).
+    patch_size : training window (voxels, model-grid axes I, J, K); multiples of
+        ``pad_multiple``.
+    pad_multiple : whole volumes are padded to a multiple of this (network stride, 16).
+    orientation, spacing : model grid (3-letter code, mm) or None to keep the source grid.
+    normalization : intensity spec of the model card (``percentile``, ``ct_window``,
+        ``zscore``, ``none``), see :func:`medinfer.transforms.normalize_intensity`.
+    foreground_ratio : probability that a training patch is centred on foreground.
+    augment : spatial (rotation +-``rotate_deg``, scaling, anisotropic spacing simulation)
+        and intensity (bias field, gamma, noise, contrast) augmentation on/off.
+    max_steps, batch_size, lr, weight_decay, schedule, loss, dice_weight, ce_weight :
+        optimisation (AdamW).
+    val_every : validate (and consider early stopping) every N steps.
+    checkpoint_every : write ``checkpoints/last.pt`` every N steps (resume point).
+    val_cases : fixed validation case ids; otherwise fold ``fold`` of ``folds``.
+    patience : early-stopping patience in validations without improvement; None = read
+        ``model_card``'s ``training.early_stopping.patience``; None there = no stopping.
+    min_delta : smallest increase of the validation metric that counts as improvement.
+    model_card : optional ``model.yaml`` whose ``training`` section gives the patience.
+    seed : seed of every random choice (data split, initialisation, patches, augmentation).
+    num_threads : torch CPU threads (fixed so that runs are reproducible).
+    """
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+    images: Path | None = None
+    labels: Path | None = None
+    cases: Path | None = None
+    out: Path | None = None
+    name: str = "trained-model"
+    labels_map: dict[int, str] | None = None
+    num_classes: int = Field(default=2, ge=2, le=256)
+    network: Network = Network.UNET
+    network_kwargs: dict[str, Any] = Field(default_factory=dict)
+    patch_size: tuple[int, int, int] = (32, 32, 32)
+    pad_multiple: int = Field(default=16, ge=1, le=256)
+    orientation: str | None = None
+    spacing: tuple[float, float, float] | None = None
+    normalization: dict[str, Any] = Field(default_factory=lambda: {
+        "method": "percentile", "lower": 1.0, "upper": 99.0, "nonzero": False})
+    foreground_ratio: float = Field(default=0.5, ge=0.0, le=1.0)
+    augment: bool = True
+    rotate_deg: float = Field(default=20.0, ge=0.0, le=180.0)
+    max_steps: int = Field(default=1000, ge=1)
+    batch_size: int = Field(default=2, ge=1, le=1024)
+    lr: float = Field(default=1e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(default=1e-5, ge=0.0)
+    schedule: Schedule = Schedule.COSINE
+    loss: Loss = Loss.DICE_CE
+    dice_weight: float = Field(default=1.0, ge=0.0)
+    ce_weight: float = Field(default=1.0, ge=0.0)
+    val_every: int = Field(default=50, ge=1)
+    checkpoint_every: int = Field(default=50, ge=1)
+    val_cases: list[str] | None = None
+    folds: int = Field(default=5, ge=2)
+    fold: int = Field(default=0, ge=0)
+    patience: int | None = Field(default=None, ge=1)
+    min_delta: float = Field(default=0.0, ge=0.0)
+    model_card: Path | None = None
+    seed: int = 0
+    num_threads: int = Field(default=1, ge=1, le=256)
+
+    @field_validator("network", mode="before")
+    @classmethod
+    def _network(cls, value: Any) -> Any:
+        from medinfer.errors import parse_enum
+
+        return parse_enum(Network, value, "network")
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _loss(cls, value: Any) -> Any:
+        from medinfer.errors import parse_enum
+
+        return parse_enum(Loss, value, "loss")
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: Any) -> Any:
+        from medinfer.errors import parse_enum
+
+        return parse_enum(Schedule, value, "schedule")
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(v < 4 or v > 1024 for v in value):
+            raise ValueError(f"each size must be in 4..1024 voxels, got {list(value)}")
+        return value
+
+    @property
+    def class_names(self) -> dict[int, str]:
+        """Label value -> name (0 = background), ``num_classes`` entries."""
+        if self.labels_map is not None:
+            return dict(sorted(self.labels_map.items()))
+        return {0: "background", **{k: f"class {k}" for k in range(1, self.num_classes)}}
+
+    @property
+    def n_classes(self) -> int:
+        """Number of network output channels (background included)."""
+        return max(self.class_names) + 1
+
+    @classmethod
+    def from_mapping(cls, data: Any, source: str = "config") -> TrainConfig:
+        """Validate a mapping; :class:`ConfigError` names every wrong key and value."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of settings, got "
+                              f"{type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            msgs = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                             for e in exc.errors())
+            raise ConfigError(f"{source}: {msgs}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str],
+                  overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """Read ``train.yaml``; ``overrides`` (CLI flags, non-None values) win.
+
+        Relative paths in the file are relative to the file's folder.
+        """
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: {p} is not a file")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping of settings")
+        for key in ("images", "labels", "cases", "out", "model_card"):
+            if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+                data[key] = str(p.parent / data[key])
+        data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_mapping(data, str(p))
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """Plain-types mapping (paths as strings, enums as values) for YAML/JSON."""
+        return self.model_dump(mode="json")

@@ -1,0 +1,393 @@
+"""The training loop: seeded, checkpointed, resumable, with early stopping.
+
+Reproducibility: the random state of step ``s`` (case choice, patch position,
+augmentation) is derived from ``(seed, s)`` alone, and the network/optimizer state is
+checkpointed, so a run killed at any moment (SIGKILL included) and started again with
+the same config resumes from ``checkpoints/last.pt`` and produces the same step and
+loss sequence as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medinfer._atomic import atomic_path, write_text_atomic
+from medinfer.errors import ConfigError
+from medinfer.training.config import Loss, Schedule, TrainConfig
+from medinfer.training.data import (
+    LoadedCase,
+    find_pairs,
+    load_case,
+    split_cases,
+)
+
+log = logging.getLogger(__name__)
+
+#: called after every step with (step, loss, validation metric or None)
+StepCallback = Callable[[int, float, float | None], None]
+#: validation hook: (network, step) -> metric (higher is better)
+Validator = Callable[[Any, int], float]
+
+_RESUME_KEYS = ("network", "network_kwargs", "patch_size", "seed", "loss", "lr", "batch_size",
+                "schedule", "normalization", "labels_map", "num_classes")
+
+
+class EarlyStopping:
+    """Stop when the validation metric (higher is better) has not improved by more
+    than ``min_delta`` for ``patience`` consecutive validations.
+
+    ``step(metric)`` returns True at the validation where the count of validations
+    without improvement reaches ``patience``; the first validation always improves.
+    ``patience=None`` never stops.
+    """
+
+    def __init__(self, patience: int | None, min_delta: float = 0.0) -> None:
+        if patience is not None and patience < 1:
+            raise ConfigError(f"patience: {patience} is not allowed; use an integer >= 1")
+        self.patience = patience
+        self.min_delta = float(min_delta)
+        self.best = -math.inf
+        self.bad = 0
+
+    def step(self, metric: float) -> bool:
+        """Record one validation metric; True when training should stop."""
+        if metric > self.best + self.min_delta:
+            self.best = float(metric)
+            self.bad = 0
+        else:
+            self.bad += 1
+        return self.patience is not None and self.bad >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad": self.bad}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = float(state["best"])
+        self.bad = int(state["bad"])
+
+
+def resolve_patience(config: TrainConfig) -> int | None:
+    """``config.patience``, else ``training.early_stopping.patience`` of ``model_card``."""
+    if config.patience is not None:
+        return config.patience
+    if config.model_card is not None:
+        from medinfer.models.card import ModelCard
+
+        return ModelCard.from_yaml(config.model_card).early_stopping_patience
+    return None
+
+
+_DEFAULT_KWARGS: dict[str, dict[str, Any]] = {
+    "UNet": {"channels": (16, 32, 64, 128, 256), "strides": (2, 2, 2, 2), "num_res_units": 1},
+    "BasicUNet": {"features": (16, 16, 32, 64, 128, 16)},
+    "SegResNet": {"init_filters": 8},
+    "DynUNet": {"kernel_size": [3, 3, 3, 3, 3], "strides": [1, 2, 2, 2, 2],
+                "upsample_kernel_size": [2, 2, 2, 2]},
+    "SwinUNETR": {"feature_size": 12},
+}
+
+
+def network_kwargs(config: TrainConfig) -> dict[str, Any]:
+    """The network's constructor arguments: defaults per class, then the config's."""
+    kw: dict[str, Any] = dict(_DEFAULT_KWARGS.get(config.network.value, {}))
+    kw.update(config.network_kwargs)
+    kw.update({"spatial_dims": 3, "in_channels": 1, "out_channels": config.n_classes})
+    if config.network.value == "SwinUNETR":
+        kw.pop("img_size", None)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
+
+
+def build(config: TrainConfig) -> Any:
+    """Build the configured MONAI network (seeded: same weights for the same seed)."""
+    import torch
+
+    from medinfer.models.loaders import build_network
+
+    torch.manual_seed(config.seed)
+    return build_network(config.network, network_kwargs(config))
+
+
+def _loss_fn(config: TrainConfig) -> Any:
+    from monai.losses import DiceCELoss, DiceFocalLoss
+
+    if config.loss is Loss.DICE_FOCAL:
+        return DiceFocalLoss(to_onehot_y=True, softmax=True, lambda_dice=config.dice_weight,
+                             lambda_focal=config.ce_weight)
+    return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=config.dice_weight,
+                      lambda_ce=config.ce_weight)
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    """Learning rate of (0-based) ``step``: cosine annealing or poly (power 0.9) to 0."""
+    frac = min(step / config.max_steps, 1.0)
+    if config.schedule is Schedule.POLY:
+        return config.lr * (1.0 - frac) ** 0.9
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def train_transforms(config: TrainConfig) -> Any:
+    """MONAI dictionary transforms for one training sample (keys ``image``, ``label``).
+
+    Padding to at least the patch, patch sampling with ``foreground_ratio``; with
+    ``augment``: affine (rotation +-``rotate_deg`` about all axes, scaling 0.85-1.15),
+    anisotropic spacing simulation (``RandSimulateLowResolutiond``), bias field, gamma,
+    Gaussian noise, contrast (intensity scaling).
+    """
+    from monai import transforms as mt
+
+    keys = ["image", "label"]
+    ps = list(config.patch_size)
+    ratio = config.foreground_ratio
+    steps: list[Any] = [
+        mt.SpatialPadd(keys, spatial_size=ps),
+        mt.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=ps,
+                                  pos=ratio, neg=1.0 - ratio, num_samples=1,
+                                  allow_smaller=True),
+    ]
+    if config.augment:
+        rad = math.radians(config.rotate_deg)
+        steps += [
+            mt.RandAffined(keys, prob=0.5, rotate_range=(rad, rad, rad),
+                           scale_range=(0.15, 0.15, 0.15), mode=("bilinear", "nearest"),
+                           padding_mode="zeros"),
+            mt.RandSimulateLowResolutiond(["image"], prob=0.2, zoom_range=(0.5, 1.0)),
+            mt.RandBiasFieldd(["image"], prob=0.2, coeff_range=(0.0, 0.1)),
+            mt.RandAdjustContrastd(["image"], prob=0.2, gamma=(0.7, 1.5)),
+            mt.RandGaussianNoised(["image"], prob=0.2, std=0.05),
+            mt.RandScaleIntensityd(["image"], prob=0.2, factors=0.2),
+        ]
+    return mt.Compose(steps)
+
+
+def pad_to_multiple(array: np.ndarray, multiple: int) -> np.ndarray:
+    """Zero-pad the last three axes at their ends to multiples of ``multiple``."""
+    pads = [(0, 0)] * (array.ndim - 3) + [(0, (-s) % multiple) for s in array.shape[-3:]]
+    return np.pad(array, pads)
+
+
+def predict_array(net: Any, image: np.ndarray, config: TrainConfig) -> np.ndarray:
+    """Label map ``(I, J, K)`` int64 of a normalised image ``(1, I, J, K)``: padded to
+    ``pad_multiple``, MONAI sliding window (Gaussian blending, overlap 0.25), argmax."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    shape = image.shape[-3:]
+    x = torch.from_numpy(pad_to_multiple(image, config.pad_multiple)[None])
+    roi = [min(p, s) for p, s in zip(config.patch_size, x.shape[-3:], strict=True)]
+    was = net.training
+    net.eval()
+    with torch.no_grad():
+        logits = sliding_window_inference(x, roi, 1, net, overlap=0.25, mode="gaussian")
+    net.train(was)
+    lab = torch.as_tensor(logits).argmax(1)[0].numpy()
+    return np.asarray(lab[: shape[0], : shape[1], : shape[2]], dtype=np.int64)
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`."""
+
+    out: Path
+    steps: int
+    stopped_early: bool
+    best_metric: float | None
+    best_step: int | None
+    log: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int | None = None
+
+
+def _write_logs(out: Path, rows: list[dict[str, Any]]) -> None:
+    write_text_atomic(out / "training_log.json", json.dumps(rows, indent=1) + "\n")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["step", "loss", "lr", "val_metric"],
+                       extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    write_text_atomic(out / "training_log.csv", buf.getvalue())
+
+
+def _save(obj: Any, path: Path) -> None:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, str(tmp))
+
+
+def _tensorboard(out: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
+          validator: Validator | None = None, callback: StepCallback | None = None,
+          export: bool = True) -> TrainResult:
+    """Train a segmentation network; the output folder becomes a medinfer model folder.
+
+    Parameters
+    ----------
+    config : :class:`TrainConfig` or a mapping of its fields.
+    resume : continue from ``<out>/checkpoints/last.pt`` when present (the checkpoint's
+        core settings must equal the config's).
+    validator : optional ``(network, step) -> metric`` replacing the default validation
+        (mean foreground Dice of the validation cases).
+    callback : called after every step with ``(step, loss, metric or None)``.
+    export : write the model folder (``model.yaml``, state dict, TorchScript, ONNX) and
+        figures at the end.
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    ConfigError
+        Missing/invalid settings, data that cannot be paired, checkpoint of another config.
+    GeometryError
+        A label map not on its image's world grid.
+    """
+    import torch
+
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_mapping(config)
+    if cfg.out is None:
+        raise ConfigError("out: an output folder is required")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.num_threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+    pairs = find_pairs(cfg.images, cfg.labels, cfg.cases)
+    by_id = {p.case: p for p in pairs}
+    train_ids, val_ids = split_cases(list(by_id), val_cases=cfg.val_cases, folds=cfg.folds,
+                                     fold=cfg.fold, seed=cfg.seed)
+    write_text_atomic(out / "split.json", json.dumps(
+        {"train": train_ids, "validation": val_ids, "seed": cfg.seed}, indent=1) + "\n")
+    write_text_atomic(out / "train_config.json", json.dumps(cfg.to_yaml_dict(), indent=1) + "\n")
+    cache: dict[str, LoadedCase] = {}
+
+    def get(case: str) -> LoadedCase:
+        if case not in cache:
+            cache[case] = load_case(by_id[case], orientation=cfg.orientation,
+                                    spacing=cfg.spacing, normalization=cfg.normalization,
+                                    n_classes=cfg.n_classes)
+        return cache[case]
+
+    net = build(cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = _loss_fn(cfg)
+    stopper = EarlyStopping(resolve_patience(cfg), cfg.min_delta)
+    ckpt_dir = out / "checkpoints"
+    rows: list[dict[str, Any]] = []
+    start = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    resumed_from = None
+    core = {k: cfg.to_yaml_dict()[k] for k in _RESUME_KEYS}
+    last = ckpt_dir / "last.pt"
+    if resume and last.is_file():
+        state = torch.load(str(last), map_location="cpu", weights_only=True)
+        if state.get("core") != json.loads(json.dumps(core)):
+            raise ConfigError(f"{last}: checkpoint of a different configuration; use another "
+                              "out folder or start fresh (--no-resume)")
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        stopper.load_state_dict(state["early_stopping"])
+        rows = list(state["log"])
+        start = int(state["step"])
+        best_metric = state["best_metric"]
+        best_step = state["best_step"]
+        resumed_from = start
+        log.info("resuming %s at step %d", out, start)
+    if state_done := (rows and rows[-1].get("stop")):
+        log.info("run in %s already finished (early stopping at step %d)", out, start)
+    tb = _tensorboard(out)
+    xforms = train_transforms(cfg)
+    stopped = bool(state_done)
+    step = start
+    net.train()
+    t0 = time.monotonic()
+    while step < cfg.max_steps and not stopped:
+        rng = np.random.default_rng([cfg.seed, step])
+        xforms.set_random_state(seed=int(rng.integers(2**31)))
+        torch.manual_seed(int(rng.integers(2**31)))
+        imgs, labs = [], []
+        for _ in range(cfg.batch_size):
+            c = get(train_ids[int(rng.integers(len(train_ids)))])
+            sample = xforms({"image": c.image, "label": c.label.astype(np.float32)})
+            sample = sample[0] if isinstance(sample, list) else sample
+            imgs.append(torch.as_tensor(np.asarray(sample["image"])))
+            labs.append(torch.as_tensor(np.asarray(sample["label"])).round())
+        x = torch.stack(imgs).float()
+        y = torch.stack(labs).long()
+        lr = lr_at(cfg, step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(net(x), y)
+        loss.backward()
+        opt.step()
+        step += 1
+        row: dict[str, Any] = {"step": step, "loss": float(loss.detach()), "lr": lr,
+                               "val_metric": None}
+        if step % cfg.val_every == 0 or step == cfg.max_steps:
+            if validator is not None:
+                metric = float(validator(net, step))
+            else:
+                metric = float(np.mean([mean_dice_case(net, get(v), cfg) for v in val_ids]))
+            row["val_metric"] = metric
+            if best_metric is None or metric > best_metric:
+                best_metric, best_step = metric, step
+                _save({"step": step, "model": net.state_dict(), "metric": metric},
+                      ckpt_dir / "best.pt")
+            if stopper.step(metric):
+                stopped = True
+                row["stop"] = True
+                log.info("early stopping at step %d (patience %s)", step, stopper.patience)
+        rows.append(row)
+        if tb is not None:
+            tb.add_scalar("loss", row["loss"], step)
+            if row["val_metric"] is not None:
+                tb.add_scalar("val_metric", row["val_metric"], step)
+        if callback is not None:
+            callback(step, row["loss"], row["val_metric"])
+        if step % cfg.checkpoint_every == 0 or stopped or step == cfg.max_steps:
+            _save({"step": step, "model": net.state_dict(), "optimizer": opt.state_dict(),
+                   "early_stopping": stopper.state_dict(), "log": rows, "core": core,
+                   "best_metric": best_metric, "best_step": best_step}, last)
+            _write_logs(out, rows)
+    if tb is not None:
+        tb.close()
+    _write_logs(out, rows)
+    log.info("trained %d steps in %.1f s", step - start, time.monotonic() - t0)
+    result = TrainResult(out, step, stopped, best_metric, best_step, rows, resumed_from)
+    if export:
+        from medinfer.training.export import export_model_folder
+
+        best = ckpt_dir / "best.pt"
+        if best.is_file():
+            net.load_state_dict(torch.load(str(best), map_location="cpu",
+                                           weights_only=True)["model"])
+        export_model_folder(net, cfg, out, result=result)
+    return result
+
+
+def mean_dice_case(net: Any, case: LoadedCase, config: TrainConfig) -> float:
+    """Mean foreground Dice of the network's label map for one loaded case."""
+    from medinfer.training.metrics import mean_foreground_dice
+
+    pred = predict_array(net, case.image, config)
+    return mean_foreground_dice(pred, case.label[0], config.n_classes)
