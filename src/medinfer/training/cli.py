@@ -72,3 +72,24 @@ def register(app: typer.Typer) -> None:
                    + (" (early stopping)" if result.stopped_early else "")
                    + (f", best validation {result.best_metric:.4f} at step "
                       f"{result.best_step}" if result.best_metric is not None else ""))
+
+    @app.command("evaluate")
+    def evaluate_cmd(
+        model: str = typer.Option(..., "--model", "-m",
+                                  help="Model folder, its model.yaml or a bundled name."),
+        images: Path | None = typer.Option(None, "--images", help="Image folder."),
+        labels: Path | None = typer.Option(None, "--labels", help="Label-map folder."),
+        cases: Path | None = typer.Option(None, "--cases", help="CSV/JSON list of cases."),
+        output: Path = typer.Option(..., "--output", "-o", help="Output folder."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+        tolerance: float = typer.Option(1.0, "--tolerance-mm",
+                                        help="Surface-Dice tolerance (mm)."),
+    ) -> None:
+        """Score a segmentation model on labelled cases: metrics tables and figures."""
+        from medinfer.training.evaluate import evaluate_model
+
+        result = evaluate_model(model, output, images=images, labels=labels, cases=cases,
+                                device=device, tolerance_mm=tolerance)
+        for name, m in result["summary"].items():
+            typer.echo(f"{name}: Dice {m['dice']['mean']:.4f} +- {m['dice']['sd']:.4f}, "
+                       f"IoU {m['iou']['mean']:.4f}, HD95 {m['hd95']['mean']:.2f} mm")

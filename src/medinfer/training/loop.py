@@ -382,6 +382,9 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
             net.load_state_dict(torch.load(str(best), map_location="cpu",
                                            weights_only=True)["model"])
         export_model_folder(net, cfg, out, result=result)
+        from medinfer.training.figures import CURVES_PNG, training_curves
+
+        training_curves(rows, out / CURVES_PNG)
     return result
 
 
