@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import PASSWORD, USER, OrthancServer, ct_series, free_port
+from pacs_helpers import PASSWORD, USER, OrthancServer, ct_series, free_port
 
 from medinfer.cli import main
 from medinfer.errors import GeometryError, InvalidImageError

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pydicom
-from conftest import OrthancServer, ct_series, free_port
+from pacs_helpers import OrthancServer, ct_series, free_port
 
 
 def _listen(tmp: Path, model: Path, port: int, orthanc: OrthancServer,
