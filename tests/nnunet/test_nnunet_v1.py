@@ -156,3 +156,32 @@ def test_seed_command_line_with_prefix(v1_folder: Path, inputs: Path,
                          timeout=900)
     assert res.returncode == 0, res.stderr
     assert (out / "aligned.nii.gz").stat().st_mtime_ns == stamp
+
+
+def test_model_level_postprocessing_applies_fold_level_is_ignored(
+        v1_folder: Path, inputs: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from scipy.ndimage import label
+
+    plain = NnUNetV1Predictor(v1_folder, device="cpu", tta=False)
+    vol = _load(inputs, "oblique")
+    ref = plain.predict(vol).label.array[0]
+    lmap, n = label(ref == 1)
+    assert n > 1, "the test needs several label-1 components"
+    folder = tmp_path / v1_folder.name
+    shutil.copytree(v1_folder, folder)
+    (folder / "postprocessing.json").write_text(json.dumps(
+        {"for_which_classes": [1], "min_valid_object_sizes": "{1: None}"}))
+    # a fold's own file (consolidate_folds leaves one per fold) is never read by v1's
+    # predictor: even an unreadable one changes nothing
+    (folder / "fold_0" / "postprocessing.json").write_text("{not json")
+    pred = NnUNetV1Predictor(folder, device="cpu", tta=False).predict(vol)
+    got = pred.label.array[0]
+    biggest = np.argmax(np.bincount(lmap.ravel())[1:]) + 1
+    assert np.array_equal(got == 1, lmap == biggest)
+    assert np.array_equal(got == 2, ref == 2)
+    assert np.all(got[(ref == 1) & (lmap != biggest)] == 0)
+    stats = {s.value: s.voxels for s in pred.statistics}
+    assert stats[1] == int(np.sum(lmap == biggest))

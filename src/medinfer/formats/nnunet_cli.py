@@ -369,8 +369,10 @@ def _v1(args: argparse.Namespace) -> int:
     mine = list(cases)[args.part_id::args.num_parts]
     out_dir = Path(args.output_folder)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "plans.pkl") as tmp:
-        shutil.copyfile(folder / "plans.pkl", tmp)
+    for name in ("plans.pkl", "postprocessing.json"):  # the copies v1 writes
+        if (folder / name).is_file():
+            with atomic_path(out_dir / name) as tmp:
+                shutil.copyfile(folder / name, tmp)
     if not args.overwrite_existing:
         mine = [c for c in mine if not ((out_dir / f"{c}.nii.gz").is_file() and (
             not args.save_npz or (out_dir / f"{c}.npz").is_file()))]

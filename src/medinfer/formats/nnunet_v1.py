@@ -211,12 +211,25 @@ def _postprocess(labels: np.ndarray, pp: dict[str, Any], voxel_ml: float, source
                  ) -> None:
     """v1's ``remove_all_but_the_largest_connected_component`` (in place), as applied by
     ``load_remove_save`` with a model-level ``postprocessing.json``."""
+    import ast
+
     from scipy.ndimage import label
 
     classes = pp.get("for_which_classes", [])
-    min_sizes = pp.get("min_valid_object_sizes")
+    min_sizes: Any = pp.get("min_valid_object_sizes")
     if not isinstance(classes, list):
         raise ModelError(f"{source}: 'for_which_classes' must be a list")
+    if isinstance(min_sizes, str):  # v1 stores the repr of a dict ({1: 12.5, (1, 2): 3.0})
+        try:
+            min_sizes = ast.literal_eval(min_sizes)  # literals only, never code
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            raise ModelError(f"{source}: 'min_valid_object_sizes' is not a literal dict"
+                             ) from None
+    sizes_by_class: dict[Any, Any] = {}
+    if isinstance(min_sizes, dict):
+        for k, v in min_sizes.items():
+            ck = tuple(int(x) for x in k) if isinstance(k, (list, tuple)) else int(k)
+            sizes_by_class[ck] = v
     for c in classes:
         vals = tuple(int(v) for v in c) if isinstance(c, (list, tuple)) else (int(c),)
         mask = np.isin(labels, vals)
@@ -225,13 +238,13 @@ def _postprocess(labels: np.ndarray, pp: dict[str, Any], voxel_ml: float, source
             continue
         sizes = np.bincount(lmap.ravel())[1:] * voxel_ml * 1000.0  # mm^3 as v1
         biggest = sizes.max()
-        key = str(c if not isinstance(c, (list, tuple)) else tuple(vals))
+        key: Any = vals if isinstance(c, (list, tuple)) else vals[0]
         for obj, size in enumerate(sizes, start=1):
             if size == biggest:
                 continue
             remove = True
-            if isinstance(min_sizes, dict) and key in min_sizes and min_sizes[key] is not None:
-                remove = size < float(min_sizes[key])
+            if sizes_by_class.get(key) is not None:
+                remove = size < float(sizes_by_class[key])
             if remove:
                 labels[(lmap == obj) & mask] = 0
 
@@ -341,9 +354,20 @@ class NnUNetV1Predictor(NnUNetPredictor):
     def predict(self, volume: Volume, progress: Any = None) -> Prediction:
         """Segment ``volume`` (see :meth:`NnUNetPredictor.predict`), then apply the
         model-level ``postprocessing.json`` when there is one."""
+        import dataclasses
+
+        from medinfer.prediction import LabelStatistics
+
         pred = super().predict(volume, progress)
-        if self.postprocessing is not None:
-            labels = pred.label.array[0]
-            _postprocess(labels, self.postprocessing, float(np.prod(volume.spacing)) / 1000.0,
-                         str(self.v1.path / "postprocessing.json"))
-        return pred
+        if self.postprocessing is None:
+            return pred
+        labels = pred.label.array[0]
+        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+        _postprocess(labels, self.postprocessing, voxel_ml,
+                     str(self.v1.path / "postprocessing.json"))
+        names = self._label_names()
+        counts = np.bincount(labels.ravel(), minlength=max(names) + 1)
+        stats = [LabelStatistics(value=v, name=n, voxels=int(counts[v]),
+                                 volume_ml=float(counts[v]) * voxel_ml)
+                 for v, n in names.items() if v != 0]
+        return dataclasses.replace(pred, statistics=stats)
