@@ -164,7 +164,8 @@ def test_detection_is_delegated(tmp_path: Path, model_dir: Path,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[Any, ...]] = []
     fake = types.ModuleType("medinfer.detection")
-    fake.predict_detection = lambda *a: calls.append(a)  # type: ignore[attr-defined]
+    fake.predict_detection = (  # type: ignore[attr-defined]
+        lambda *a, **kw: calls.append(a) or {"num_scans": 1, "total_detections": 0})
     monkeypatch.setitem(sys.modules, "medinfer.detection", fake)
     scan = tmp_path / "chest.nii.gz"
     _scan(scan)
