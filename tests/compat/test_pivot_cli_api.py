@@ -226,3 +226,31 @@ def test_optimize_model_equals_checkpoint(tmp_path: Path) -> None:
     # a state dict without its architecture: one error listing what was tried
     with pytest.raises(ModelError, match="tried: TorchScript"):
         optimize_model(tmp_path / "best_model.pth", tmp_path / "x.pt", [1, 1, 16, 16, 16])
+
+
+def test_state_dict_and_torchscript_checkpoints(scan: dict[str, Any], quickstart: dict[str, Any],
+                                                tmp_path: Path) -> None:
+    """``--checkpoint best_model.pth`` + ``model.architecture`` (the demo model's weights as
+    a bare state dict), and its TorchScript export, give the bundled model's findings."""
+    from medinfer.compat.pivot import InferencePipeline, optimize_model
+    from medinfer.models import resolve_model
+
+    card, folder = resolve_model("demo-nodules")
+    assert card.architecture is not None
+    kwargs = dict(card.architecture.kwargs)
+    pth = tmp_path / "best_model.pth"
+    shutil.copy(folder / "model.pt", pth)
+    ref = json.loads((quickstart["out"] / "scan_detections.json").read_text())["detections"]
+    cfg = {"model": {"name": "demo-nodules", "architecture": "unet",
+                     "architecture_kwargs": kwargs}}
+    pipe = InferencePipeline(checkpoint=pth, config=cfg, device="cpu")
+    assert pipe.card.weights.file == "best_model.pth"
+    assert pipe.predict(str(scan["dir"] / "scan.nii.gz"))["detections"] == ref
+    ts = tmp_path / "optimized_model.pt"
+    optimize_model(pth, ts, [1, 1, 32, 32, 32], architecture="unet", architecture_kwargs=kwargs)
+    pipe = InferencePipeline(checkpoint=ts, config={"model": {"name": "demo-nodules"}},
+                             device="cpu")
+    got = pipe.predict(str(scan["dir"] / "scan.nii.gz"))["detections"]
+    assert [d["coordinates_voxel"] for d in got] == [d["coordinates_voxel"] for d in ref]
+    np.testing.assert_allclose([d["coordinates"] for d in got],
+                               [d["coordinates"] for d in ref], atol=0.01)
