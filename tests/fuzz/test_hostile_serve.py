@@ -280,3 +280,51 @@ def test_18_10_outputs_of_a_row_finished_by_another_worker_are_kept(tmp_path: Pa
     assert (out / "label.nii.gz").read_bytes() == b"result of the other worker"
     assert store.get(job_id).status is JobStatus.SUCCEEDED  # type: ignore[union-attr]
     store.close()
+
+
+def test_18_1_delete_interrupts_a_running_inference(server: Server, work: Path) -> None:
+    """DELETE during the sliding-window inference stops it at the next window batch.
+
+    A 540 KB upload (80x80x64 voxels of 4 mm, oblique) is resampled to the model's 2 mm
+    grid: about 900 window batches, seconds of work (~7 s on one free core). The job is
+    cancelled as soon as its stage is ``inference``; it must end ``cancelled`` in that
+    stage with most windows never run (progress < 50 %; a cancel honoured only at the next
+    stage boundary ends at ~86 %), with no output folder, and the single worker must then
+    run the next job normally.
+    """
+    import nibabel as nib
+    import numpy as np
+    from _serve_support import oblique_affine
+
+    rng = np.random.default_rng(11)
+    data = rng.normal(300, 50, size=(80, 80, 64)).clip(0, 1000).astype(np.int16)
+    long_scan = work / "long_job.nii.gz"
+    nib.save(nib.Nifti1Image(data, oblique_affine(spacing=(4.0, 4.0, 4.0))), str(long_scan))
+    small = make_scan(work / "after_cancel.nii.gz", seed=12)
+    with _client(server, KEY_A) as a:
+        r = a.post("/api/v1/inference", files={"file": ("long.nii.gz", long_scan.read_bytes())})
+        assert r.status_code == 202, r.text
+        job = r.json()["job_id"]
+        deadline = time.monotonic() + 120
+        st = a.get(f"/api/v1/inference/{job}").json()
+        while st["status"] in ("queued", "running") and st["stage"] != "inference" \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+            st = a.get(f"/api/v1/inference/{job}").json()
+        assert st["status"] == "running" and st["stage"] == "inference", st
+        r = a.delete(f"/api/v1/inference/{job}")
+        assert r.status_code == 202 and r.json()["status"] == "cancelling", r.text
+        final = wait_job(a, job, timeout=120)
+        assert final["status"] == "cancelled", final
+        # interrupted within the inference, not at its end (86 %) or a later stage: the
+        # DELETE was sent as the inference began (~14 %); half its windows never ran
+        assert final["stage"] == "inference" and final["progress"] < 50.0, (st, final)
+        assert final["error"]["type"] == "Cancelled", final
+        assert not (server_env_store(work) / "outputs" / job).exists()  # no partial output
+        assert_error_body(a.get(f"/api/v1/inference/{job}/results"), 409, "JobNotSucceeded")
+        # the worker slot is free: the next job runs to the end
+        r = a.post("/api/v1/inference", files={"file": ("s.nii.gz", small.read_bytes())})
+        assert r.status_code == 202, r.text
+        nxt = r.json()["job_id"]
+        assert wait_job(a, nxt)["status"] == "succeeded"
+        assert a.get(f"/api/v1/inference/{nxt}/files/label.nii.gz").status_code == 200
