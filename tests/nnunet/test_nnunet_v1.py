@@ -185,3 +185,14 @@ def test_model_level_postprocessing_applies_fold_level_is_ignored(
     assert np.all(got[(ref == 1) & (lmap != biggest)] == 0)
     stats = {s.value: s.voxels for s in pred.statistics}
     assert stats[1] == int(np.sum(lmap == biggest))
+
+
+def test_open_predictor_opens_v1_folders(v1_folder: Path) -> None:
+    from medinfer.errors import ConfigError
+    from medinfer.formats import open_predictor
+
+    card, pred = open_predictor(str(v1_folder), device="cpu", tta=False, folds=[0])
+    assert isinstance(pred, NnUNetV1Predictor) and not pred.tta
+    assert sorted(card.labels) == [0, 1, 2]
+    with pytest.raises(ConfigError, match="checkpoint"):
+        open_predictor(str(v1_folder), checkpoint="latest")

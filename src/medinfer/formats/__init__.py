@@ -38,7 +38,9 @@ def open_predictor(
     """Open any supported model for ``medinfer predict``: ``(display card, predictor)``.
 
     ``model`` is a medinfer model folder / ``model.yaml`` / bundled name, an nnU-Net v2
-    model folder (``dataset.json`` + ``plans.json`` + ``fold_*``) or a MONAI bundle
+    model folder (``dataset.json`` + ``plans.json`` + ``fold_*``), an nnU-Net v1 model
+    folder (``plans.pkl`` + ``fold_*/*.model``; ``checkpoint`` ``final`` or ``best`` =
+    ``model_final_checkpoint`` / ``model_best``) or a MONAI bundle
     (``configs/metadata.json``). The predictor has ``predict(volume, progress) ->
     Prediction``; the card gives label names and colours for tables, overlays and
     ``<case>_stats.json``.
@@ -72,6 +74,22 @@ def open_predictor(
                              step_size=0.5 if overlap is None else 1.0 - overlap,
                              save_probabilities=save_probabilities, batch_size=batch_size)
         return nn.card, nn
+    from medinfer.models.nnunet_v1 import is_nnunet_v1_folder
+
+    if is_nnunet_v1_folder(model):
+        from medinfer.formats.nnunet_v1 import NnUNetV1Predictor
+
+        if overlap is not None and not 0.0 <= overlap < 1.0:
+            raise ConfigError(f"overlap: expected 0 <= overlap < 1, got {overlap}")
+        chk = {"final": "model_final_checkpoint", "best": "model_best"}.get(checkpoint)
+        if chk is None:
+            raise ConfigError(f"checkpoint: {checkpoint!r} is not allowed; choose 'final' or "
+                              "'best'")
+        v1 = NnUNetV1Predictor(model, folds=folds, checkpoint=chk, device=device,
+                               tta=True if tta is None else tta,
+                               step_size=0.5 if overlap is None else 1.0 - overlap,
+                               save_probabilities=save_probabilities, batch_size=batch_size)
+        return v1.card, v1
     if folds is not None or checkpoint != "final":
         raise ConfigError(f"--folds / --checkpoint apply to nnU-Net model folders only; "
                           f"{model!r} is not one (dataset.json, plans.json, fold_*/)")
