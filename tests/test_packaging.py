@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: packages of the extras; none may be imported when the ``medinfer`` command starts
 EXTRA_MODULES = ("fastapi", "uvicorn", "httpx", "streamlit", "ray", "plotly", "reportlab",
                  "onnxruntime", "playwright", "SimpleITK", "dynamic_network_architectures",
-                 "dicomweb_client", "pynetdicom", "pytest")
+                 "dicomweb_client", "pynetdicom", "pytest", "flwr")
 
 
 def _names(reqs: list[str]) -> set[str]:
