@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,41 @@ def test_18_13_case_files_land_together_or_none(tmp_path: Path) -> None:
             p.write_text(k)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names.values())
     assert (tmp_path / "case_stats.json").read_text() == "stats"
+
+
+_FULL_DISK = """
+set -e
+mount -t tmpfs -o size=16k,mode=0755 medinfer-full "$1"
+if head -c 1000000 /dev/zero > "$1/filler" 2>/dev/null; then echo not-full; fi
+set +e
+"$2" -m medinfer.cli predict "$3" -o "$1" --device cpu 2> "$4"
+echo "rc=$?"
+ls -A "$1"
+"""
+
+
+def test_18_9_full_disk_exits_2_with_one_line_and_no_partial_files(tmp_path: Path) -> None:
+    """A real ENOSPC: ``-o`` is a 16 KiB tmpfs filled up before the run.
+
+    The tmpfs is mounted in a private user + mount namespace (``unshare -Urm``, no root
+    mount on the host; it vanishes with the process), so the listing of the output
+    folder after the run is taken inside that namespace.
+    """
+    scan = tmp_path / "s.nii"
+    scan.write_bytes(nifti_bytes())
+    full = tmp_path / "full"
+    full.mkdir()
+    err = tmp_path / "stderr.txt"
+    r = subprocess.run(["unshare", "-Urm", "sh", "-c", _FULL_DISK, "full-disk", str(full),
+                        sys.executable, str(scan), str(err)],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)  # the mount worked
+    lines = r.stdout.split()
+    assert "not-full" not in lines
+    stderr = err.read_text()
+    assert lines[0] == "rc=2", (lines, stderr[-2000:])
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert "No space left on device" in stderr and "s.nii" in stderr, stderr
+    assert lines[1:] == ["filler"]  # no partial output, no temporary left behind
+    assert sorted(p.name for p in full.iterdir()) == []  # nothing reached the host folder
