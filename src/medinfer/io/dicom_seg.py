@@ -633,6 +633,7 @@ def write_dicom_seg(
 
     from medinfer import __version__
     from medinfer._atomic import atomic_path
+    from medinfer.io._seg_encode import save_multiframe
 
     stype = parse_enum(SegmentationType, seg_type, "seg_type")
     comp = parse_enum(SegCompression, compression, "seg_compression")
@@ -732,7 +733,7 @@ def write_dicom_seg(
             setattr(seg, kw, ds0.get(kw))
     out = Path(path)
     with atomic_path(out) as tmp:
-        seg.save_as(tmp)
+        save_multiframe(seg, tmp)
     return out
 
 
