@@ -278,7 +278,7 @@ class PerformanceContext:
 def run_heatmap(volume: Volume, card: Any, model: Callable[[Any], Any],
                 config: DetectionConfig | dict[str, Any] | None = None,
                 progress: Progress | None = None,
-                timings: dict[str, float] | None = None) -> Volume:
+                timings: dict[str, float] | None = None, *, force: bool = False) -> Volume:
     """Heat map of ``volume`` on its own (source) grid.
 
     Parameters
@@ -289,6 +289,9 @@ def run_heatmap(volume: Volume, card: Any, model: Callable[[Any], Any],
     config : detection configuration (input / inference sections are used).
     progress : ``progress(stage, fraction)``.
     timings : filled with ``preprocess``, ``inference``, ``resample`` seconds.
+    force : run a scan that does not fit the card's input contract even where the card
+        refuses it (:func:`medinfer.inference.contract.check_input_contract`; a warning
+        is logged either way).
 
     Returns
     -------
@@ -298,10 +301,18 @@ def run_heatmap(volume: Volume, card: Any, model: Callable[[Any], Any],
     ------
     ConfigError
         Invalid inference settings; ModelError: wrong channel count.
+    InvalidImageError
+        NaN / infinite voxels; a scan the card refuses (``input.mismatch: refuse``).
     """
     import torch
 
-    from medinfer.transforms import normalize_intensity, to_model_grid, to_source_grid
+    from medinfer.inference.contract import check_input_contract
+    from medinfer.transforms import (
+        check_finite,
+        normalize_intensity,
+        to_model_grid,
+        to_source_grid,
+    )
 
     cfg = _as_config(config)
     t = timings if timings is not None else {}
@@ -309,6 +320,8 @@ def run_heatmap(volume: Volume, card: Any, model: Callable[[Any], Any],
     if volume.num_channels != card.input.channels:
         raise ModelError(f"scan has {volume.num_channels} channel(s); model {card.name} expects "
                          f"{card.input.channels}")
+    check_finite(volume)
+    check_input_contract(volume, card, force=force)  # e.g. an MR through a CT model
     arr = np.asarray(volume.array, dtype=np.float32)
     if cfg.input.hu_clip is not None:
         arr = np.clip(arr, cfg.input.hu_clip[0], cfg.input.hu_clip[1])
@@ -650,6 +663,7 @@ def predict_detection(
 
     ov = dict(overrides or {})
     series_uid = ov.pop("series_uid", None)
+    force = bool(ov.pop("force", False))
     for key in _PREDICT_ONLY_FLAGS:  # flags of the segmentation path with no meaning here
         ov.pop(key, None)
     if isinstance(config, DetectionConfig):
@@ -713,7 +727,7 @@ def predict_detection(
                 if progress is not None:
                     progress(stage, (n + frac) / len(files))
 
-            heat = run_heatmap(image, card, net, cfg, prog)
+            heat = run_heatmap(image, card, net, cfg, prog, force=force)
             dets = [x.to_dict() for x in findings_from_heatmap(heat, image, cfg, calibration)]
             confidences += [d["confidence"] for d in dets]
             writes.append(pool.submit(write, case, f, t0, image, heat, dets))

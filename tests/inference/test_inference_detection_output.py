@@ -32,3 +32,21 @@ def test_detection_run_prints_findings_and_outputs(tmp_path: Path,
     for name in written:
         assert name in text
     assert "1 scan(s)," in text and str(out.resolve()) in text
+
+
+def test_mr_through_the_ct_detection_model_is_warned_about(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 17 item 6: an MR ran through demo-nodules (a CT model) without a word."""
+    import logging
+
+    sample = Path(__file__).resolve().parents[2] / "samples" / "t1_sample.nii.gz"
+    img = nib.load(str(sample))
+    crop = np.asanyarray(img.dataobj)[50:74, 60:84, 40:64]
+    nib.save(nib.Nifti1Image(crop, img.affine), str(tmp_path / "mr.nii.gz"))
+    with caplog.at_level(logging.WARNING, logger="medinfer.inference.contract"), \
+            pytest.raises(SystemExit) as info:
+        main(["predict", str(tmp_path / "mr.nii.gz"), "--model", "demo-nodules", "-o",
+              str(tmp_path / "out"), "--device", "cpu"])
+    assert info.value.code in (0, None)
+    assert "does not fit model 'demo-nodules'" in caplog.text
+    assert "do not look like a CT in Hounsfield units" in caplog.text

@@ -307,6 +307,7 @@ def run_predict(
     overrides = {
         "series_uid": series, "tta": tta, "overlap": overlap, "batch_size": batch_size,
         "save_probabilities": save_probabilities, "overlay": overlay, "verbose": verbose,
+        **({"force": True} if force else {}),
     }
     external = model is not None and (is_nnunet_folder(model) or is_monai_bundle(model))
     card: ModelCard | None = None
