@@ -93,3 +93,20 @@ def register(app: typer.Typer) -> None:
         for name, m in result["summary"].items():
             typer.echo(f"{name}: Dice {m['dice']['mean']:.4f} +- {m['dice']['sd']:.4f}, "
                        f"IoU {m['iou']['mean']:.4f}, HD95 {m['hd95']['mean']:.2f} mm")
+
+    @app.command("search")
+    def search_cmd(
+        config: Path = typer.Option(..., "--config", "-c", help="train.yaml."),
+        trials: int = typer.Option(20, "--trials", help="Finished trials wanted in total."),
+        out: Path | None = typer.Option(None, "--out", "-o",
+                                        help="Search folder [default: config's out]."),
+        max_steps: int | None = typer.Option(None, "--max-steps", help="Steps per trial."),
+    ) -> None:
+        """Hyper-parameter search (optuna, resumable SQLite study); writes best_config.yaml."""
+        from medinfer.training.search import run_search
+
+        cfg = _config(config, _overrides(max_steps=max_steps))
+        res = run_search(cfg, trials, out)
+        typer.echo(f"{res['trials']} trials ({res['ran']} run now); best validation "
+                   f"{res['best_value']:.4f} with {res['best_params']}; "
+                   f"config: {res['best_config']}")
