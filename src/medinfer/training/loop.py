@@ -78,13 +78,23 @@ class EarlyStopping:
 
 
 def resolve_patience(config: TrainConfig) -> int | None:
-    """``config.patience``, else ``training.early_stopping.patience`` of ``model_card``."""
+    """``config.patience``, else the patience in ``model_card``'s ``training`` section
+    (``early_stopping.patience``, ``patience`` or ``early-stopping.patience``), else None."""
     if config.patience is not None:
         return config.patience
     if config.model_card is not None:
         from medinfer.models.card import ModelCard
 
-        return ModelCard.from_yaml(config.model_card).early_stopping_patience
+        card = ModelCard.from_yaml(config.model_card)
+        if card.early_stopping_patience is not None:
+            return card.early_stopping_patience
+        es = card.training.get("early-stopping")  # the UNet3D suite's spelling
+        value = es.get("patience") if isinstance(es, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        if value is not None:
+            raise ConfigError(f"{config.model_card}: training.early-stopping.patience "
+                              f"{value!r} is not allowed; use an integer >= 1")
     return None
 
 
