@@ -4,10 +4,10 @@ pydicom encodes every element of every sequence item through its generic writer;
 with 10^4 frames has ~10^5 such elements in its Per-frame Functional Groups Sequence
 (5200,9230), most of them repeated (the same source-image references, positions and
 segment numbers for many frames). :func:`save_multiframe` encodes that sequence once,
-memoising each leaf element's bytes, produced by pydicom's own
-``write_data_element``, so the output is byte for byte what ``Dataset.save_as`` writes
-(explicit VR little endian, defined lengths; the tests compare both), and hands the
-result to pydicom as a pre-encoded element.
+memoising the bytes of each leaf element (produced by pydicom's own
+``write_data_element``) and of each item shared between frames, so the output is byte
+for byte what ``Dataset.save_as`` writes (explicit VR little endian, defined lengths;
+the tests compare both), and hands the result to pydicom as a pre-encoded element.
 """
 
 from __future__ import annotations
@@ -51,7 +51,20 @@ def encode_sequence_explicit_le(items: list[Dataset], encodings: list[str]) -> b
     class _Unsupported(Exception):
         pass
 
+    # items shared between frames (highdicom reuses the plane position and source-image
+    # items of a slice for all its segments): encoded once, by identity; ``seen`` keeps
+    # them alive so that an id is not reused while encoding
+    by_id: dict[int, bytes] = {}
+    seen: list[Dataset] = []
+
     def dataset(ds: Dataset) -> bytes:
+        out = by_id.get(id(ds))
+        if out is None:
+            out = by_id[id(ds)] = encode(ds)
+            seen.append(ds)
+        return out
+
+    def encode(ds: Dataset) -> bytes:
         if getattr(ds, "is_undefined_length_sequence_item", False):
             raise _Unsupported
         parts = []
