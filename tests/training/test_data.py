@@ -82,3 +82,9 @@ def test_config_file_flags_and_patience_spellings(tmp_path):
         {"model_card": str(tmp_path / "model.yaml")})) == 7
     assert train_uneted is train
     assert np.isclose(TrainConfig().lr, 1e-3)
+
+
+def test_example_config_validates():
+    root = Path(__file__).resolve().parents[2]
+    c = TrainConfig.from_yaml(root / "configs/train.yaml")
+    assert c.n_classes == 4 and c.patch_size == (64, 64, 64)
