@@ -78,7 +78,8 @@ def evaluate_model(model: str | os.PathLike[str], out: str | os.PathLike[str], *
         check_same_grid(vol, truth_vol, pair.case)
         pred = np.asarray(predictor.predict(vol).label.array[0]).astype(np.int64)
         truth = np.rint(np.asarray(truth_vol.array[0])).astype(np.int64)
-        m = segmentation_metrics(pred, truth, classes, vol.spacing, tolerance_mm=tolerance_mm)
+        m = segmentation_metrics(pred, truth, classes, [float(v) for v in vol.spacing],
+                                 tolerance_mm=tolerance_mm)
         for c in classes:
             rows.append({"case": pair.case, "label": c, "name": names[c], **m[c]})
         ax, iz = iou_along_z(pred, truth, vol.affine, classes)

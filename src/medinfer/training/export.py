@@ -28,18 +28,21 @@ EXPORT_ATOL = 1e-4
 
 
 def _onnx_bytes(net: Any, x: Any) -> bytes:
+    import tempfile
+
     import torch
 
-    buf = io.BytesIO()
     axes = {0: "n", 2: "i", 3: "j", 4: "k"}
-    torch.onnx.export(net, (x,), buf, dynamo=False, input_names=["input"],
-                      output_names=["logits"], opset_version=17,
-                      dynamic_axes={"input": axes, "logits": axes})
-    return buf.getvalue()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=["input"],
+                          output_names=["logits"], opset_version=17,
+                          dynamic_axes={"input": axes, "logits": axes})
+        return path.read_bytes()
 
 
 def verify_exports(net: Any, ts_bytes: bytes, onnx_bytes: bytes,
-                   shapes: list[tuple[int, int, int]]) -> dict[str, float]:
+                   shapes: list[tuple[int, ...]]) -> dict[str, float]:
     """Largest |logit difference| of TorchScript and ONNX to ``net`` on random inputs
     ``(1, C, *shape)`` (seeded); raises :class:`ModelError` above ``EXPORT_ATOL``."""
     import onnxruntime as ort
