@@ -74,8 +74,8 @@ def test_open_predictor_card_streams_by_default(tmp_path) -> None:  # type: igno
     import yaml
 
     from medinfer.errors import ConfigError
-    from medinfer.inference import Predictor
     from medinfer.formats import open_predictor
+    from medinfer.inference import Predictor
     from medinfer.inference.batch import StreamingPredictor
     from medinfer.volume import Volume
 
