@@ -60,7 +60,7 @@ def tiny_config(images: Path, labels: Path, out: Path, **kw: object) -> dict[str
                            "num_res_units": 0},
         "patch_size": [16, 16, 16], "pad_multiple": 8, "batch_size": 2, "max_steps": 6,
         "val_every": 3, "checkpoint_every": 1, "lr": 0.01, "seed": 3,
-        "normalization": {"method": "zscore"},
+        "normalization": {"method": "zscore"}, "device": "cpu",
     }
     cfg.update(kw)
     return cfg

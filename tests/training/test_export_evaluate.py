@@ -35,6 +35,10 @@ def test_export_predict_evaluate(toy_data, tmp_path, capsys):
     result = train(tiny_config(images, labels, out, max_steps=3, val_every=3,
                                spacing=[1.0, 1.0, 2.0], orientation="RAS"))
     assert result.steps == 3 and (out / "training curves.png").is_file()
+    # after training: the suite's figures for the validation case
+    assert (out / "evaluation" / "IoU image z axis.png").is_file()
+    (val_row,) = list(csv.DictReader((out / "evaluation" / "metrics.csv").open()))[:1]
+    assert val_row["case"] in ("case0", "case1")
 
     card, folder = resolve_model(out)
     assert card.architecture is not None and card.architecture.network.value == "UNet"

@@ -68,6 +68,9 @@ class TrainConfig(BaseModel):
     model_card : optional ``model.yaml`` whose ``training`` section gives the patience.
     seed : seed of every random choice (data split, initialisation, patches, augmentation).
     num_threads : torch CPU threads (fixed so that runs are reproducible).
+    device : ``auto``, ``cpu`` or ``cuda``; on CUDA the forward pass runs in float16
+        autocast with gradient scaling (mixed precision; bit-exact resumption is only
+        guaranteed on CPU).
     """
 
     model_config = ConfigDict(extra="forbid", use_enum_values=False)
@@ -108,6 +111,7 @@ class TrainConfig(BaseModel):
     model_card: Path | None = None
     seed: int = 0
     num_threads: int = Field(default=1, ge=1, le=256)
+    device: str = "auto"
 
     @field_validator("network", mode="before")
     @classmethod

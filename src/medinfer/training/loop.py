@@ -193,14 +193,15 @@ def predict_array(net: Any, image: np.ndarray, config: TrainConfig) -> np.ndarra
     from monai.inferers import sliding_window_inference
 
     shape = image.shape[-3:]
-    x = torch.from_numpy(pad_to_multiple(image, config.pad_multiple)[None])
+    dev = next(net.parameters()).device
+    x = torch.from_numpy(pad_to_multiple(image, config.pad_multiple)[None]).to(dev)
     roi = [min(p, s) for p, s in zip(config.patch_size, x.shape[-3:], strict=True)]
     was = net.training
     net.eval()
     with torch.no_grad():
         logits = sliding_window_inference(x, roi, 1, net, overlap=0.25, mode="gaussian")
     net.train(was)
-    lab = torch.as_tensor(logits).argmax(1)[0].numpy()
+    lab = torch.as_tensor(logits).argmax(1)[0].cpu().numpy()
     return np.asarray(lab[: shape[0], : shape[1], : shape[2]], dtype=np.int64)
 
 
@@ -296,7 +297,12 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
                                     n_classes=cfg.n_classes)
         return cache[case]
 
-    net = build(cfg)
+    from medinfer.models.loaders import resolve_device
+
+    device = resolve_device(cfg.device)
+    amp = device.type == "cuda"
+    net = build(cfg).to(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = _loss_fn(cfg)
     stopper = EarlyStopping(resolve_patience(cfg), cfg.min_delta)
@@ -315,6 +321,8 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
                               "out folder or start fresh (--no-resume)")
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if amp and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         stopper.load_state_dict(state["early_stopping"])
         rows = list(state["log"])
         start = int(state["step"])
@@ -341,15 +349,17 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
             sample = sample[0] if isinstance(sample, list) else sample
             imgs.append(torch.as_tensor(np.asarray(sample["image"])))
             labs.append(torch.as_tensor(np.asarray(sample["label"])).round())
-        x = torch.stack(imgs).float()
-        y = torch.stack(labs).long()
+        x = torch.stack(imgs).float().to(device)
+        y = torch.stack(labs).long().to(device)
         lr = lr_at(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(x), y)
-        loss.backward()
-        opt.step()
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            loss = loss_fn(net(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         step += 1
         row: dict[str, Any] = {"step": step, "loss": float(loss.detach()), "lr": lr,
                                "val_metric": None}
@@ -377,6 +387,7 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
         if step % cfg.checkpoint_every == 0 or stopped or step == cfg.max_steps:
             _save({"step": step, "model": net.state_dict(), "optimizer": opt.state_dict(),
                    "early_stopping": stopper.state_dict(), "log": rows, "core": core,
+                   "scaler": scaler.state_dict() if amp else {},
                    "best_metric": best_metric, "best_step": best_step}, last)
             _write_logs(out, rows)
     if tb is not None:
@@ -392,9 +403,16 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
             net.load_state_dict(torch.load(str(best), map_location="cpu",
                                            weights_only=True)["model"])
         export_model_folder(net, cfg, out, result=result)
+        from medinfer.training.evaluate import evaluate_model
         from medinfer.training.figures import CURVES_PNG, training_curves
 
         training_curves(rows, out / CURVES_PNG)
+        # the suite's figures and metric tables for the validation cases
+        val_list = out / "validation_cases.json"
+        write_text_atomic(val_list, json.dumps(
+            [{"case": c, "image": str(Path(by_id[c].image).resolve()),
+              "label": str(Path(by_id[c].label).resolve())} for c in val_ids], indent=1) + "\n")
+        evaluate_model(out, out / "evaluation", cases=val_list, device=cfg.device)
     return result
 
 
