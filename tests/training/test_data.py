@@ -88,3 +88,27 @@ def test_example_config_validates():
     root = Path(__file__).resolve().parents[2]
     c = TrainConfig.from_yaml(root / "configs/train.yaml")
     assert c.n_classes == 4 and c.patch_size == (64, 64, 64)
+
+
+def test_cli_flags_override_file_and_classes_come_from_the_data(toy_data, tmp_path):
+    from conftest import tiny_config
+
+    from medinfer.cli import main
+    from medinfer.models import resolve_model
+
+    images, labels = toy_data
+    cfg = tiny_config(images, labels, tmp_path / "unused", patch_size=[24, 24, 24],
+                      max_steps=50)
+    cfg.pop("num_classes")
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "model"
+    try:
+        main(["train", "--config", str(path), "--out", str(out), "--max-steps", "1",
+              "--patch-size", "16", "16", "16"])
+    except SystemExit as exc:
+        assert not exc.code
+    card, _ = resolve_model(out)
+    assert sorted(card.labels) == [0, 1, 2]
+    assert card.inference.patch_size == (16, 16, 16)
+    assert card.provenance["training_config"]["max_steps"] == 1

@@ -44,7 +44,7 @@ class TrainConfig(BaseModel):
     out : output folder; becomes a medinfer model folder (``model.yaml`` + weights).
     labels_map : label value -> name; value 0 is background. Default: 0..num_classes-1.
     num_classes : number of output channels (background included) when ``labels_map`` is
-        not given.
+        not given; None = largest label value in the data + 1 (resolved by ``train``).
     network : MONAI network class (``UNet``, ``BasicUNet``, ``SegResNet``, ``DynUNet``,
         ``SwinUNETR``); ``network_kwargs`` are passed on (spatial_dims, in/out channels
         are filled in).
@@ -81,7 +81,7 @@ class TrainConfig(BaseModel):
     out: Path | None = None
     name: str = "trained-model"
     labels_map: dict[int, str] | None = None
-    num_classes: int = Field(default=2, ge=2, le=256)
+    num_classes: int | None = Field(default=None, ge=2, le=256)
     network: Network = Network.UNET
     network_kwargs: dict[str, Any] = Field(default_factory=dict)
     patch_size: tuple[int, int, int] = (32, 32, 32)
@@ -146,7 +146,8 @@ class TrainConfig(BaseModel):
         """Label value -> name (0 = background), ``num_classes`` entries."""
         if self.labels_map is not None:
             return dict(sorted(self.labels_map.items()))
-        return {0: "background", **{k: f"class {k}" for k in range(1, self.num_classes)}}
+        n = self.num_classes or 2
+        return {0: "background", **{k: f"class {k}" for k in range(1, n)}}
 
     @property
     def n_classes(self) -> int:

@@ -283,6 +283,8 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
 
     pairs = find_pairs(cfg.images, cfg.labels, cfg.cases)
     by_id = {p.case: p for p in pairs}
+    if cfg.labels_map is None and cfg.num_classes is None:
+        cfg = cfg.model_copy(update={"num_classes": max(2, _max_label(pairs) + 1)})
     train_ids, val_ids = split_cases(list(by_id), val_cases=cfg.val_cases, folds=cfg.folds,
                                      fold=cfg.fold, seed=cfg.seed)
     write_text_atomic(out / "split.json", json.dumps(
@@ -414,6 +416,20 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
               "label": str(Path(by_id[c].label).resolve())} for c in val_ids], indent=1) + "\n")
         evaluate_model(out, out / "evaluation", cases=val_list, device=cfg.device)
     return result
+
+
+def _max_label(pairs: list[Any]) -> int:
+    """Largest label value over the label maps of ``pairs`` (for ``num_classes``)."""
+    from medinfer.io import load
+
+    top = 0
+    for p in pairs:
+        arr = np.asarray(load(p.label).array)
+        top = max(top, int(np.rint(arr.max())) if arr.size else 0)
+    if top > 255:
+        raise ConfigError(f"labels: label value {top} in the data; at most 255 classes "
+                          "(give labels_map)")
+    return top
 
 
 def mean_dice_case(net: Any, case: LoadedCase, config: TrainConfig) -> float:
