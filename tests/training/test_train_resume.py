@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,20 +30,26 @@ def test_sigkill_then_resume_equals_uninterrupted_run(toy_data, tmp_path):
 
     out = tmp_path / "killed"
     cfg = tmp_path / "train.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(images, labels, out, max_steps=steps)))
-    cmd = [MEDINFER, "train", "--config", str(cfg)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while len(_log(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = len(_log(out))
-    assert 2 <= killed_at < steps
+    cfg.write_text(yaml.safe_dump(tiny_config(images, labels, out, max_steps=steps,
+                                              checkpoint_every=2)))
+    # the training process SIGKILLs itself right after step 5 (no race with a poller):
+    # its last checkpoint is step 4, step 5 is lost and must be recomputed
+    script = (
+        "import os, signal, sys\n"
+        "from medinfer.training import train\n"
+        "from medinfer.training.config import TrainConfig\n"
+        "def cb(step, loss, metric):\n"
+        "    if step == 5:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "train(TrainConfig.from_yaml(sys.argv[1]), callback=cb)\n")
+    killed = subprocess.run([sys.executable, "-c", script, str(cfg)], capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert [r["step"] for r in _log(out)] == [1, 2, 3, 4]
     assert (out / "checkpoints" / "last.pt").is_file()
     assert not (out / "model.yaml").exists()
 
+    cmd = [MEDINFER, "train", "--config", str(cfg)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     rows = _log(out)
