@@ -163,8 +163,12 @@ class TrainConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            msgs = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                             for e in exc.errors())
+            parts = []
+            for e in exc.errors():
+                loc = ".".join(str(p) for p in e["loc"])
+                msg = str(e["msg"]).removeprefix("Value error, ")
+                parts.append(msg if msg.startswith(f"{loc}:") else f"{loc}: {msg}")
+            msgs = "; ".join(parts)
             raise ConfigError(f"{source}: {msgs}") from None
 
     @classmethod
