@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
-from conftest import make_case, write_dataset
+from training_toy import make_case, write_dataset
 
 from medinfer.errors import ConfigError, GeometryError
 from medinfer.io import load
@@ -91,7 +91,7 @@ def test_example_config_validates():
 
 
 def test_cli_flags_override_file_and_classes_come_from_the_data(toy_data, tmp_path):
-    from conftest import tiny_config
+    from training_toy import tiny_config
 
     from medinfer.cli import main
     from medinfer.models import resolve_model

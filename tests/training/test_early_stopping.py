@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_config
+from training_toy import tiny_config
 
 from medinfer.errors import ConfigError
 from medinfer.training import EarlyStopping, train

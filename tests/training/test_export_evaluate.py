@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from training_toy import tiny_config
 
 from medinfer.cli import main
 from medinfer.models import load_model, resolve_model

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 
 import yaml
-from conftest import tiny_config
+from training_toy import tiny_config
 
 from medinfer.cli import main
 from medinfer.training.config import TrainConfig

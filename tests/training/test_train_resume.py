@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from conftest import tiny_config
+from training_toy import tiny_config
 
 from medinfer.training import train
 
