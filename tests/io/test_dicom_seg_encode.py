@@ -16,7 +16,7 @@ from medinfer.io.dicom_writer import write_dicom_series
 from medinfer.models import resolve_model
 
 
-def test_fast_save_equals_pydicom_save(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+def test_fast_save_equals_pydicom_save(tmp_path, monkeypatch):
     folder = tmp_path / "series"
     write_dicom_series(random_volume(GEOMETRIES["las_oblique"], (14, 11, 6)), folder,
                        modality="CT", shuffle_seed=3)
@@ -33,7 +33,7 @@ def test_fast_save_equals_pydicom_save(tmp_path, monkeypatch):  # type: ignore[n
     pairs: list[tuple[bytes, bytes]] = []
     fast = seg_encode.save_multiframe
 
-    def both(ds, path):  # type: ignore[no-untyped-def]
+    def both(ds, path):
         # the fast path is taken (no fallback to save_as)
         assert seg_encode.encode_sequence_explicit_le(
             list(ds.PerFrameFunctionalGroupsSequence), ["iso8859"]) is not None

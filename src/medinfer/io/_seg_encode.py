@@ -128,7 +128,7 @@ def save_multiframe(ds: Dataset, path: str | os.PathLike[str]) -> None:
     try:
         # what save_as does to a new dataset (ambiguous VRs resolved), minus the frames
         correct_ambiguous_vr(ds, True)
-        ds[_PFFG] = RawDataElement(  # type: ignore[assignment]
+        ds[_PFFG] = RawDataElement(
             Tag(_PFFG), "SQ", len(body), body, 0, False, True)
         ds.set_original_encoding(False, True, ds._character_set)
         ds.save_as(path)
