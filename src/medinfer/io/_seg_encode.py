@@ -35,10 +35,13 @@ def encode_sequence_explicit_le(items: list[Dataset], encodings: list[str]) -> b
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_data_element
 
-    memo: dict[tuple[int, str, str], bytes] = {}
+    memo: dict[tuple[int, str, str, str], bytes] = {}
 
     def leaf(elem: object) -> bytes:
-        key = (elem.tag, elem.VR, repr(elem.value))  # type: ignore[attr-defined]
+        # repr: exact for ints, floats, numpy scalars (typed), strings and the DS
+        # original string; str: the DS text as written (auto-formatted or not)
+        value = elem.value  # type: ignore[attr-defined]
+        key = (elem.tag, elem.VR, repr(value), str(value))  # type: ignore[attr-defined]
         out = memo.get(key)
         if out is None:
             buf = DicomBytesIO()
