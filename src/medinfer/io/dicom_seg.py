@@ -67,11 +67,14 @@ __all__ = [
     "SegCompression",
     "SegmentInfo",
     "SegmentationType",
+    "derived_series",
     "find_label_metadata",
+    "label_segment_infos",
     "load_source_datasets",
     "read_dicom_seg",
     "read_label_metadata",
     "on_source_grid",
+    "reference_volume",
     "segment_infos",
     "source_grid",
     "write_dicom_seg",
@@ -569,6 +572,56 @@ def on_source_grid(array_ijk: np.ndarray, affine_ras: np.ndarray, geometry: Any,
 
 
 # ---------------------------------------------------------------------------- writer
+def label_segment_infos(
+    label: Volume,
+    card: ModelCard,
+    metadata: Mapping[int, Mapping[str, Any]] | str | os.PathLike[str] | None,
+) -> dict[int, SegmentInfo]:
+    """Check a label map for a derived-object writer and return its segment descriptions.
+
+    Shared by :func:`write_dicom_seg` and :func:`medinfer.io.rtstruct.write_rtstruct`.
+
+    Parameters
+    ----------
+    label : ``(1, I, J, K)`` integer label map.
+    card : model card (label names, colours, codes).
+    metadata : label overrides (:func:`read_label_metadata` output, or a path to such a
+        file), or None.
+
+    Raises
+    ------
+    InvalidImageError
+        A label map that is not integer or has several channels.
+    ConfigError
+        Bad metadata file.
+    """
+    if label.num_channels != 1 or label.array.dtype.kind not in "uib":
+        raise InvalidImageError(f"label map: expected one integer channel, got shape "
+                                f"{label.shape} {label.array.dtype}")
+    if isinstance(metadata, str | os.PathLike):
+        metadata = read_label_metadata(metadata)
+    return segment_infos(card, metadata)
+
+
+def derived_series(
+    ds0: Dataset,
+    card: ModelCard,
+    kind: str,
+    offset: int,
+    series_number: int | None,
+    series_description: str | None,
+) -> tuple[int, str]:
+    """SeriesNumber and SeriesDescription of a derived series (SEG, RTSTRUCT, SR).
+
+    Defaults: source SeriesNumber (0 if absent) + ``offset``; ``"<kind> <model> <version>"``.
+    The description is cut to 64 characters (LO).
+    """
+    number = series_number if series_number is not None else (
+        int(ds0.get("SeriesNumber", 0) or 0) + offset)
+    description = (series_description or f"{kind} {card.name} {card.version}")[:64]
+    return number, description
+
+
 def write_dicom_seg(
     label: Volume,
     source: str | os.PathLike[str] | Sequence[Dataset],
@@ -648,12 +701,7 @@ def write_dicom_seg(
             raise ConfigError(f"seg_compression: {comp.value!r} cannot encode 1-bit BINARY "
                               "frames (DICOM allows none); use 'none' with binary, or "
                               "--seg-type labelmap / fractional with 'rle' or 'jpegls'")
-    if label.num_channels != 1 or label.array.dtype.kind not in "uib":
-        raise InvalidImageError(f"label map: expected one integer channel, got shape "
-                                f"{label.shape} {label.array.dtype}")
-    if isinstance(metadata, str | os.PathLike):
-        metadata = read_label_metadata(metadata)
-    infos = segment_infos(card, metadata)
+    infos = label_segment_infos(label, card, metadata)
 
     ordered, geom = source_grid(source, series_uid)
     ds0 = ordered[0]
@@ -708,9 +756,8 @@ def write_dicom_seg(
     if not descriptions:
         raise InvalidImageError(f"{path}: the label map is empty; a DICOM SEG needs at least "
                                 "one segment")
-    number = series_number if series_number is not None else (
-        int(ds0.get("SeriesNumber", 0) or 0) + 1000)
-    description = series_description or f"SEG {card.name} {card.version}"
+    number, description = derived_series(ds0, card, "SEG", 1000, series_number,
+                                         series_description)
     kwargs: dict[str, Any] = {}
     if stype is SegmentationType.FRACTIONAL:
         kwargs.update(fractional_type="PROBABILITY", max_fractional_value=255)
@@ -722,12 +769,12 @@ def write_dicom_seg(
             instance_number=1, manufacturer="medinfer",
             manufacturer_model_name=card.name[:64], software_versions=f"medinfer {__version__}",
             device_serial_number="0", content_label="SEGMENTATION",
-            content_description=description[:64], content_creator_name="medinfer^",
+            content_description=description, content_creator_name="medinfer^",
             transfer_syntax_uid=tsyntax, omit_empty_frames=True, **kwargs)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{path}: cannot encode the DICOM SEG ({stype.value}, "
                           f"{comp.value}): {exc}") from None
-    seg.SeriesDescription = description[:64]
+    seg.SeriesDescription = description
     for kw in ("StudyID", "AccessionNumber"):
         if kw in ds0 and kw not in seg:
             setattr(seg, kw, ds0.get(kw))
@@ -810,8 +857,7 @@ def read_dicom_seg(
     except (ValueError, RuntimeError) as exc:
         raise InvalidImageError(f"{p}: cannot build a volume from the SEG frames ({exc})") from None
     if reference is not None:
-        ref = reference if isinstance(reference, Volume) else _read_reference(reference,
-                                                                              series_uid)
+        ref = reference_volume(reference, series_uid)
         template = _to_hd_volume(np.zeros(ref.spatial_shape, np.uint8), ref.affine,
                                  hv.frame_of_reference_uid)
         try:
@@ -842,7 +888,15 @@ def read_dicom_seg(
     return Volume(lab_ijk, affine, meta)
 
 
-def _read_reference(reference: str | os.PathLike[str], series_uid: str | None) -> Volume:
+def reference_volume(reference: str | os.PathLike[str] | Volume,
+                     series_uid: str | None = None) -> Volume:
+    """The reference series as a Volume: ``reference`` itself, or the series read from a
+    folder/file with :func:`medinfer.io.dicom.read_dicom` (RAS+, ``(C, I, J, K)``).
+
+    Shared by the SEG, RTSTRUCT and SR readers. Raises as ``read_dicom``.
+    """
+    if isinstance(reference, Volume):
+        return reference
     from medinfer.io.dicom import read_dicom
 
     return read_dicom(reference, series_uid=series_uid)

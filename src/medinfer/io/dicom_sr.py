@@ -85,7 +85,7 @@ def write_dicom_sr(
     from pydicom.sr.codedict import codes
 
     from medinfer._atomic import atomic_path
-    from medinfer.io.dicom_seg import load_source_datasets
+    from medinfer.io.dicom_seg import derived_series, load_source_datasets
 
     datasets = load_source_datasets(source, series_uid)
     ds0 = datasets[0]
@@ -139,13 +139,14 @@ def write_dicom_sr(
         observation_context=observer, procedure_reported=codes.LN.CTUnspecifiedBodyRegion
         if str(ds0.get("Modality", "")) == "CT" else codes.SCT.ImagingProcedure,
         imaging_measurements=groups or None, referenced_images=datasets)
+    number, description = derived_series(ds0, card, "SR", 3000, series_number,
+                                         series_description)
     sr = hd.sr.Comprehensive3DSR(
         evidence=datasets, content=report, series_instance_uid=hd.UID(),
-        series_number=series_number if series_number is not None else (
-            int(ds0.get("SeriesNumber", 0) or 0) + 3000),
+        series_number=number,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="medinfer",
         is_complete=True, is_final=False)
-    sr.SeriesDescription = (series_description or f"SR {card.name} {card.version}")[:64]
+    sr.SeriesDescription = description
     out = Path(path)
     with atomic_path(out) as tmp:
         sr.save_as(tmp)
@@ -210,11 +211,10 @@ def read_dicom_sr_volume(
 
     ``meta["findings"]`` holds :func:`read_dicom_sr`'s list.
     """
-    from medinfer.io.dicom import read_dicom
+    from medinfer.io.dicom_seg import reference_volume
 
     findings = read_dicom_sr(path)
-    ref = reference if isinstance(reference, Volume) else read_dicom(reference,
-                                                                     series_uid=series_uid)
+    ref = reference_volume(reference, series_uid)
     arr = np.zeros(ref.spatial_shape, dtype=np.uint8 if len(findings) <= 255 else np.uint16)
     for n, f in enumerate(findings, 1):
         if f["point_lps"] is None:

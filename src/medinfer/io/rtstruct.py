@@ -108,18 +108,13 @@ def write_rtstruct(
     from medinfer._atomic import atomic_path
     from medinfer.io.dicom_seg import (
         _label_values,
+        derived_series,
+        label_segment_infos,
         on_source_grid,
-        read_label_metadata,
-        segment_infos,
         source_grid,
     )
 
-    if label.num_channels != 1 or label.array.dtype.kind not in "uib":
-        raise InvalidImageError(f"label map: expected one integer channel, got shape "
-                                f"{label.shape} {label.array.dtype}")
-    if isinstance(metadata, str | os.PathLike):
-        metadata = read_label_metadata(metadata)
-    infos = segment_infos(card, metadata)
+    infos = label_segment_infos(label, card, metadata)
     ordered, geom = source_grid(source, series_uid)
     arr = on_source_grid(np.asarray(label.array[0]), label.affine, geom, str(path))
     present = _label_values(arr)
@@ -137,9 +132,8 @@ def write_rtstruct(
         setattr(ds, kw, ds0.get(kw, ""))
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = series_number if series_number is not None else (
-        int(ds0.get("SeriesNumber", 0) or 0) + 2000)
-    ds.SeriesDescription = (series_description or f"RTSTRUCT {card.name} {card.version}")[:64]
+    ds.SeriesNumber, ds.SeriesDescription = derived_series(
+        ds0, card, "RTSTRUCT", 2000, series_number, series_description)
     ds.SeriesDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.SeriesTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
     ds.OperatorsName = ""
@@ -287,7 +281,7 @@ def read_rtstruct(
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    from medinfer.io.dicom import read_dicom
+    from medinfer.io.dicom_seg import reference_volume
 
     p = Path(path)
     try:
@@ -297,8 +291,7 @@ def read_rtstruct(
     if str(ds.get("SOPClassUID", "")) != RTSTRUCT_SOP_CLASS_UID:
         raise InvalidImageError(f"{p}: not an RT Structure Set (SOP class "
                                 f"{ds.get('SOPClassUID', '?')})")
-    ref = reference if isinstance(reference, Volume) else read_dicom(reference,
-                                                                     series_uid=series_uid)
+    ref = reference_volume(reference, series_uid)
     shape = ref.spatial_shape
     inv = np.linalg.inv(ref.affine)
     names = {int(r.ROINumber): str(r.get("ROIName", "")) for r in
