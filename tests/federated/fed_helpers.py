@@ -10,36 +10,15 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
-import yaml
+from tiny_models import make_tiny_seg_model
 
 from medinfer.io.dicom_writer import write_dicom_series
 from medinfer.volume import Volume
 
-UNET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8],
-        "strides": [2], "num_res_units": 0}
-
 
 def make_model(folder: Path) -> Path:
     """A seeded tiny MONAI UNet as a medinfer state-dict model (labels liver, spleen)."""
-    from monai.networks.nets import UNet
-
-    torch.manual_seed(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(UNet(**UNET).state_dict(), folder / "model.pt")
-    card = {
-        "name": "tiny-seg", "version": "0.1",
-        "labels": {0: {"name": "background", "color": [0, 0, 0]},
-                   1: {"name": "liver", "color": [0, 0, 255]},
-                   2: {"name": "spleen", "color": [0, 255, 0]}},
-        "input": {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0],
-                  "normalization": {"method": "zscore"}},
-        "inference": {"patch_size": [8, 8, 8], "overlap": 0.25},
-        "weights": {"format": "state_dict", "file": "model.pt"},
-        "architecture": {"network": "UNet", "kwargs": UNET},
-    }
-    (folder / "model.yaml").write_text(yaml.safe_dump(card))
-    return folder
+    return make_tiny_seg_model(folder)
 
 
 def oblique_affine(origin: tuple[float, float, float], spacing: tuple[float, float, float],

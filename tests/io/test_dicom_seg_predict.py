@@ -8,39 +8,17 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import torch
-import yaml
 from io_helpers import GEOMETRIES, random_volume
+from tiny_models import make_tiny_seg_model
 
 from medinfer.cli import main
 from medinfer.io import load, read_dicom
 from medinfer.io.dicom_writer import write_dicom_series
 
-UNET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8],
-        "strides": [2], "num_res_units": 0}
-
 
 @pytest.fixture()
 def model_dir(tmp_path: Path) -> Path:
-    from monai.networks.nets import UNet
-
-    torch.manual_seed(0)
-    d = tmp_path / "model"
-    d.mkdir()
-    torch.save(UNet(**UNET).state_dict(), d / "model.pt")
-    card = {
-        "name": "tiny-seg", "version": "0.1",
-        "labels": {0: {"name": "background", "color": [0, 0, 0]},
-                   1: {"name": "liver", "color": [0, 0, 255]},
-                   2: {"name": "spleen", "color": [0, 255, 0]}},
-        "input": {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0],
-                  "normalization": {"method": "zscore"}},
-        "inference": {"patch_size": [8, 8, 8], "overlap": 0.25},
-        "weights": {"format": "state_dict", "file": "model.pt"},
-        "architecture": {"network": "UNet", "kwargs": UNET},
-    }
-    (d / "model.yaml").write_text(yaml.safe_dump(card))
-    return d
+    return make_tiny_seg_model(tmp_path / "model")
 
 
 def _run(args: list[str]) -> int:

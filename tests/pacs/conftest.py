@@ -11,16 +11,15 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-import yaml
 from pacs_helpers import (
     ORTHANC,
     PASSWORD,
     PLUGIN_CANDIDATES,
-    UNET,
     USER,
     OrthancServer,
     free_port,
 )
+from tiny_models import make_tiny_seg_model
 
 torch.set_num_threads(1)
 
@@ -68,23 +67,6 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]
 @pytest.fixture(scope="module")
 def seg_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny seeded segmentation model (labels 1 'liver', 2 'spleen')."""
-    from monai.networks.nets import UNet
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("model")
-    torch.save(UNet(**UNET).state_dict(), d / "model.pt")
-    card = {
-        "name": "tiny-seg", "version": "0.1",
-        "labels": {0: {"name": "background", "color": [0, 0, 0]},
-                   1: {"name": "liver", "color": [0, 0, 255]},
-                   2: {"name": "spleen", "color": [0, 255, 0]}},
-        "input": {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0],
-                  "normalization": {"method": "zscore"}},
-        "inference": {"patch_size": [8, 8, 8], "overlap": 0.25},
-        "weights": {"format": "state_dict", "file": "model.pt"},
-        "architecture": {"network": "UNet", "kwargs": UNET},
-    }
-    (d / "model.yaml").write_text(yaml.safe_dump(card))
-    return d
+    return make_tiny_seg_model(tmp_path_factory.mktemp("model"))
 
 

@@ -16,8 +16,6 @@ PLUGIN_CANDIDATES = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
                      "/usr/lib/orthanc/libOrthancDicomWeb.so")
 USER, PASSWORD = "alice", "s3cret-pw"
 
-UNET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8],
-        "strides": [2], "num_res_units": 0}
 
 
 def free_port() -> int:

@@ -7,23 +7,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from tiny_models import oblique_lps_affine
 
 from medinfer.errors import ModelError
 from medinfer.inference import Predictor, sliding_window_inference
 from medinfer.inference.streaming import make_tta_runner, predict_streaming, stream_logits
 from medinfer.models import ModelCard
 from medinfer.volume import Volume
-
-
-def oblique_affine(spacing: tuple[float, float, float]) -> np.ndarray:
-    """LPS-like, rotated 15 deg about z and 10 deg about x, anisotropic."""
-    a, b = np.deg2rad(15.0), np.deg2rad(10.0)
-    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
-    aff = np.eye(4)
-    aff[:3, :3] = rx @ rz @ np.diag([-1.0, -1.0, 1.0]) @ np.diag(spacing)
-    aff[:3, 3] = [31.5, -12.25, 7.0]
-    return aff
 
 
 def random_net(k: int, seed: int = 0) -> torch.nn.Module:
@@ -50,7 +40,7 @@ def make_card(k: int, **inference: Any) -> ModelCard:
 def scan(shape: tuple[int, int, int] = (30, 26, 13), seed: int = 1) -> Volume:
     rng = np.random.default_rng(seed)
     arr = rng.normal(size=shape).astype(np.float32)
-    return Volume(arr, oblique_affine((0.9, 1.1, 2.5)), {})
+    return Volume(arr, oblique_lps_affine((0.9, 1.1, 2.5)), {})
 
 
 @pytest.mark.parametrize(("k", "tta", "overlap"), [(50, False, 0.5), (50, True, 0.25),
