@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -110,6 +110,20 @@ def compute_steps(image_size: Sequence[int], patch: Sequence[int], step_size: fl
     return steps
 
 
+def gaussian_impulse(patch: Sequence[int], sigma_scale: float) -> np.ndarray:
+    """A unit impulse at ``patch // 2`` filtered with :func:`scipy.ndimage.gaussian_filter`
+    (sigma ``patch * sigma_scale``, constant mode): float64, shape ``patch``, not scaled.
+
+    The common start of nnU-Net v2's ``compute_gaussian`` and v1's ``_get_gaussian``.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    tmp = np.zeros(tuple(patch))
+    tmp[tuple(p // 2 for p in patch)] = 1
+    return np.asarray(gaussian_filter(tmp, [p * sigma_scale for p in patch], 0,
+                                      mode="constant", cval=0))
+
+
 def compute_gaussian(patch: Sequence[int], sigma_scale: float = 1.0 / 8,
                      value_scaling_factor: float = 10.0) -> torch.Tensor:
     """nnU-Net's importance map (``compute_gaussian``), float16, shape ``patch``.
@@ -119,12 +133,8 @@ def compute_gaussian(patch: Sequence[int], sigma_scale: float = 1.0 / 8,
     ``value_scaling_factor``, cast to float16, zeros replaced by the smallest non-zero.
     """
     import torch
-    from scipy.ndimage import gaussian_filter
 
-    tmp = np.zeros(tuple(patch))
-    tmp[tuple(p // 2 for p in patch)] = 1
-    g = gaussian_filter(tmp, [p * sigma_scale for p in patch], 0, mode="constant", cval=0)
-    t = torch.from_numpy(g)
+    t = torch.from_numpy(gaussian_impulse(patch, sigma_scale))
     t /= torch.max(t) / value_scaling_factor
     t = t.to(torch.float16)
     mask = t == 0
@@ -326,31 +336,9 @@ def preprocess(volume: Volume, folder: NnUNetFolder) -> tuple[np.ndarray, NnUNet
     InvalidImageError
         Wrong number of channels.
     """
-    from scipy.ndimage import binary_fill_holes
-
     cfg = folder.configuration
-    if volume.num_channels != folder.num_input_channels:
-        raise InvalidImageError(
-            f"{volume.meta.get('source', 'input')}: scan has {volume.num_channels} channel(s); "
-            f"nnU-Net model {folder.path.name!r} expects {folder.num_input_channels}"
-        )
-    tf = [int(t) for t in folder.plans.get("transpose_forward", [0, 1, 2])]
-    perm = (2 - tf[0], 2 - tf[1], 2 - tf[2])
-    data = volume.array.astype(np.float32).transpose(0, *(p + 1 for p in perm))
-    spacing = tuple(float(volume.spacing[p]) for p in perm)
-    nonzero = np.any(data != 0, axis=0)
-    nonzero = binary_fill_holes(nonzero)
-    if nonzero.any():
-        bbox = []
-        for a in range(3):
-            other = tuple(b for b in range(3) if b != a)
-            nz = np.flatnonzero(nonzero.any(axis=other))
-            bbox.append((int(nz[0]), int(nz[-1]) + 1))
-    else:
-        bbox = [(0, s) for s in nonzero.shape]
-    sl = tuple(slice(lo, hi) for lo, hi in bbox)
-    data = np.ascontiguousarray(data[(slice(None), *sl)])
-    mask = nonzero[sl]
+    data, mask, perm, spacing, bbox = transpose_and_crop(
+        volume, folder.plans, folder.num_input_channels, f"nnU-Net model {folder.path.name!r}")
     crop_shape = data.shape[1:]
     target = [float(v) for v in cfg["spacing"]]
     new_shape = [int(round(s / t * n)) for s, t, n in zip(spacing, target, crop_shape,
@@ -364,6 +352,64 @@ def preprocess(volume: Volume, folder: NnUNetFolder) -> tuple[np.ndarray, NnUNet
     data = resample_to_shape(data, new_shape, spacing, target, order=int(kw.get("order", 3)),
                              order_z=int(kw.get("order_z", 0)),
                              force_separate_z=kw.get("force_separate_z"))
+    return model_input(data, perm, bbox, crop_shape, new_shape, spacing, target)
+
+
+def transpose_and_crop(
+    volume: Volume, plans: Mapping[str, Any], num_input_channels: int, model: str
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int], tuple[float, ...],
+           list[tuple[int, int]]]:
+    """The first preprocessing steps of nnU-Net v1 and v2: channel check, ``transpose_forward``
+    and crop to the bounding box of the hole-filled non-zero mask.
+
+    Parameters
+    ----------
+    volume : ``(C, I, J, K)`` scan, affine voxel -> RAS+ mm (only the spacing is used).
+    plans : the model's plans (``transpose_forward``, default ``[0, 1, 2]``).
+    num_input_channels : channels the model expects.
+    model : the model as named in the error message.
+
+    Returns
+    -------
+    (data, mask, perm, spacing, bbox)
+        ``data`` float32 ``(C, *crop)`` in model axis order, ``mask`` bool ``crop`` (the
+        filled non-zero mask), ``perm`` source axis of each model axis, ``spacing`` mm per
+        model axis, ``bbox`` ``[(lo, hi)]`` per model axis (whole extent if all zero).
+
+    Raises
+    ------
+    InvalidImageError
+        Wrong number of channels.
+    """
+    from scipy.ndimage import binary_fill_holes
+
+    if volume.num_channels != num_input_channels:
+        raise InvalidImageError(
+            f"{volume.meta.get('source', 'input')}: scan has {volume.num_channels} channel(s); "
+            f"{model} expects {num_input_channels}"
+        )
+    tf = [int(t) for t in plans.get("transpose_forward", [0, 1, 2])]
+    perm = (2 - tf[0], 2 - tf[1], 2 - tf[2])
+    data = volume.array.astype(np.float32).transpose(0, *(p + 1 for p in perm))
+    spacing = tuple(float(volume.spacing[p]) for p in perm)
+    nonzero = binary_fill_holes(np.any(data != 0, axis=0))
+    if nonzero.any():
+        bbox = []
+        for a in range(3):
+            other = tuple(b for b in range(3) if b != a)
+            nz = np.flatnonzero(nonzero.any(axis=other))
+            bbox.append((int(nz[0]), int(nz[-1]) + 1))
+    else:
+        bbox = [(0, s) for s in nonzero.shape]
+    sl = tuple(slice(lo, hi) for lo, hi in bbox)
+    data = np.ascontiguousarray(data[(slice(None), *sl)])
+    return data, nonzero[sl], perm, spacing, bbox
+
+
+def model_input(data: np.ndarray, perm: tuple[int, int, int], bbox: Sequence[tuple[int, int]],
+                crop_shape: Sequence[int], new_shape: Sequence[int], spacing: Sequence[float],
+                target: Sequence[float]) -> tuple[np.ndarray, NnUNetGrid]:
+    """``(data as contiguous float32, NnUNetGrid)``: the end of v1's and v2's preprocessing."""
     grid = NnUNetGrid(perm, tuple(bbox), (crop_shape[0], crop_shape[1], crop_shape[2]),
                       (new_shape[0], new_shape[1], new_shape[2]),
                       (spacing[0], spacing[1], spacing[2]), (target[0], target[1], target[2]))
@@ -461,6 +507,15 @@ class NnUNetPredictor:
         self.folder = read_nnunet_folder(model_dir, folds, checkpoint)
         self.device = resolve_device(device)
         self.model, self.mirror_axes = load_nnunet_networks(self.folder, self.device)
+        self._set_run_options(tta, step_size, accumulate, save_probabilities, batch_size,
+                              voxel_budget)
+        self.name = self.folder.path.name
+        self.version = str(self.folder.dataset.get("name", ""))
+
+    def _set_run_options(self, tta: bool, step_size: float, accumulate: str,
+                         save_probabilities: bool, batch_size: int | None,
+                         voxel_budget: int) -> None:
+        """Check and keep the run options (v1 and v2 alike; see the class docstring)."""
         self.tta = bool(tta)
         if not 0 < step_size <= 1:
             raise ConfigError(f"step_size: expected 0 < step_size <= 1, got {step_size}")
@@ -474,8 +529,6 @@ class NnUNetPredictor:
             raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.voxel_budget = int(voxel_budget)
-        self.name = self.folder.path.name
-        self.version = str(self.folder.dataset.get("name", ""))
 
     #: the networks give probabilities (v1 ensembles), not logits
     _outputs_probabilities = False

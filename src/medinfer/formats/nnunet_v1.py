@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medinfer.errors import ConfigError, InvalidImageError, ModelError
+from medinfer.errors import ModelError
 from medinfer.formats.nnunet import (
     NnUNetGrid,
     NnUNetPredictor,
@@ -53,8 +53,11 @@ from medinfer.formats.nnunet import (
     _nearest_index,
     _resize,
     export_axis_plans,
+    gaussian_impulse,
+    model_input,
     resample_to_shape,
     separate_z,
+    transpose_and_crop,
 )
 from medinfer.models.nnunet_v1 import (
     NnUNetV1Folder,
@@ -76,11 +79,8 @@ def get_gaussian_v1(patch: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch
     :func:`scipy.ndimage.gaussian_filter` (sigma ``patch / 8``, constant mode), maximum 1,
     float32, zeros replaced by the smallest non-zero value."""
     import torch
-    from scipy.ndimage import gaussian_filter
 
-    tmp = np.zeros(tuple(patch))
-    tmp[tuple(p // 2 for p in patch)] = 1
-    g = gaussian_filter(tmp, [p * sigma_scale for p in patch], 0, mode="constant", cval=0)
+    g = gaussian_impulse(patch, sigma_scale)
     g = (g / np.max(g) * 1).astype(np.float32)
     g[g == 0] = np.min(g[g != 0])
     return torch.from_numpy(g)
@@ -133,30 +133,10 @@ def preprocess_v1(volume: Volume, folder: NnUNetV1Folder) -> tuple[np.ndarray, N
     ModelError
         Unknown normalisation scheme or missing intensity properties.
     """
-    from scipy.ndimage import binary_fill_holes
-
-    plans = folder.plans
-    if volume.num_channels != folder.num_input_channels:
-        raise InvalidImageError(
-            f"{volume.meta.get('source', 'input')}: scan has {volume.num_channels} channel(s); "
-            f"nnU-Net v1 model {folder.path.name!r} expects {folder.num_input_channels}")
-    tf = [int(t) for t in plans.get("transpose_forward", [0, 1, 2])]
-    perm = (2 - tf[0], 2 - tf[1], 2 - tf[2])
-    data = volume.array.astype(np.float32).transpose(0, *(p + 1 for p in perm))
-    spacing = tuple(float(volume.spacing[p]) for p in perm)
-    nonzero = binary_fill_holes(np.any(data != 0, axis=0))
-    if nonzero.any():
-        bbox = []
-        for a in range(3):
-            other = tuple(b for b in range(3) if b != a)
-            nz = np.flatnonzero(nonzero.any(axis=other))
-            bbox.append((int(nz[0]), int(nz[-1]) + 1))
-    else:
-        bbox = [(0, s) for s in nonzero.shape]
-    sl = tuple(slice(lo, hi) for lo, hi in bbox)
-    data = np.ascontiguousarray(data[(slice(None), *sl)])
+    data, mask, perm, spacing, bbox = transpose_and_crop(
+        volume, folder.plans, folder.num_input_channels,
+        f"nnU-Net v1 model {folder.path.name!r}")
     data[np.isnan(data)] = 0
-    mask = nonzero[sl]
     crop_shape = data.shape[1:]
     target = [float(v) for v in folder.stage_plans["current_spacing"]]
     new_shape = [int(v) for v in np.round((np.array(spacing) / np.array(target)).astype(float)
@@ -166,10 +146,7 @@ def preprocess_v1(volume: Volume, folder: NnUNetV1Folder) -> tuple[np.ndarray, N
                              force_separate_z=None)
     mask = _resample_mask(mask, new_shape, do_sep, axis)
     _normalise_v1(data, mask, folder)
-    grid = NnUNetGrid(perm, tuple(bbox), (crop_shape[0], crop_shape[1], crop_shape[2]),
-                      (new_shape[0], new_shape[1], new_shape[2]),
-                      (spacing[0], spacing[1], spacing[2]), (target[0], target[1], target[2]))
-    return np.ascontiguousarray(data, dtype=np.float32), grid
+    return model_input(data, perm, bbox, crop_shape, new_shape, spacing, target)
 
 
 def _normalise_v1(data: np.ndarray, mask: np.ndarray, folder: NnUNetV1Folder) -> None:
@@ -294,16 +271,8 @@ class NnUNetV1Predictor(NnUNetPredictor):
         self.device = resolve_device(device)
         self.model = load_nnunet_v1_networks(self.v1, self.device)  # type: ignore[assignment]
         self.mirror_axes = (0, 1, 2)
-        self.tta = bool(tta)
-        if not 0 < step_size <= 1:
-            raise ConfigError(f"step_size: expected 0 < step_size <= 1, got {step_size}")
-        self.step_size = float(step_size)
-        self.accumulate = "float32"
-        self.save_probabilities = save_probabilities
-        if batch_size is not None and batch_size < 1:
-            raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
-        self.batch_size = batch_size
-        self.voxel_budget = int(voxel_budget)
+        self._set_run_options(tta, step_size, "float32", save_probabilities, batch_size,
+                              voxel_budget)
         self.name = self.v1.path.name
         self.version = self.v1.path.parent.name
         pp_file = self.v1.path / "postprocessing.json"

@@ -251,6 +251,34 @@ def _numpy_safe_globals() -> list[Any]:
     return items
 
 
+def safe_torch_load(p: Path, what: str) -> Any:
+    """``torch.load(p, weights_only=True)`` with the numpy allow-list, size-capped.
+
+    Shared by the v2 (:func:`load_checkpoint`) and v1
+    (:func:`medinfer.models.nnunet_v1.load_v1_checkpoint`) checkpoint readers; ``what``
+    names the format in the error message.
+
+    Raises
+    ------
+    ModelError
+        Missing, empty or larger than ``MAX_CHECKPOINT_BYTES``; not loadable by the
+        restricted unpickler.
+    """
+    import torch
+
+    size = p.stat().st_size if p.is_file() else 0
+    if size == 0 or size > MAX_CHECKPOINT_BYTES:
+        raise ModelError(f"{p}: checkpoint size {size} bytes; expected 1..{MAX_CHECKPOINT_BYTES}")
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:  # the restricted unpickler raises many types on junk input
+        if isinstance(exc, MemoryError):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ModelError(f"{p}: not a loadable {what} checkpoint ({first})") from None
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read an nnU-Net checkpoint with ``torch.load(weights_only=True)``.
 
@@ -266,22 +294,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     ModelError
         Missing / too large / non-checkpoint file, or no ``network_weights``.
     """
-    import torch
-
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"{p}: checkpoint not found")
-    size = p.stat().st_size
-    if size == 0 or size > MAX_CHECKPOINT_BYTES:
-        raise ModelError(f"{p}: checkpoint size {size} bytes; expected 1..{MAX_CHECKPOINT_BYTES}")
-    try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as exc:  # the restricted unpickler raises many types on junk input
-        if isinstance(exc, MemoryError):
-            raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise ModelError(f"{p}: not a loadable nnU-Net checkpoint ({first})") from None
+    obj = safe_torch_load(p, "nnU-Net")
     if not isinstance(obj, dict) or not isinstance(obj.get("network_weights"), dict):
         raise ModelError(f"{p}: checkpoint has no 'network_weights' state dict")
     return obj

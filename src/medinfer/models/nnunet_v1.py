@@ -23,7 +23,6 @@ network (the trainer class is not imported); weights that do not fit are an erro
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medinfer.errors import ModelError
+from medinfer.models.nnunet import _fold_dirs
 from medinfer.models.safe_pickle import load_pickle
 
 if TYPE_CHECKING:
@@ -46,18 +46,6 @@ __all__ = [
     "load_v1_checkpoint",
     "read_nnunet_v1_folder",
 ]
-
-_FOLD_RE = re.compile(r"^fold_(\d+|all)$")
-
-
-def _fold_dirs(path: Path) -> dict[str, Path]:
-    out = {}
-    for d in path.iterdir() if path.is_dir() else ():
-        m = _FOLD_RE.match(d.name)
-        if m and d.is_dir():
-            out[m.group(1)] = d
-    return out
-
 
 def is_nnunet_v1_folder(path: str | os.PathLike[str]) -> bool:
     """True if ``path`` has ``plans.pkl`` and a ``fold_*/*.model`` checkpoint (v1 layout)."""
@@ -303,22 +291,10 @@ def load_v1_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     ModelError
         Missing / too large / non-checkpoint file, no ``state_dict``.
     """
-    import torch
-
-    from medinfer.models.nnunet import MAX_CHECKPOINT_BYTES, _numpy_safe_globals
+    from medinfer.models.nnunet import safe_torch_load
 
     p = Path(path)
-    size = p.stat().st_size if p.is_file() else 0
-    if size == 0 or size > MAX_CHECKPOINT_BYTES:
-        raise ModelError(f"{p}: checkpoint size {size} bytes; expected 1..{MAX_CHECKPOINT_BYTES}")
-    try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as exc:  # the restricted unpickler raises many types on junk input
-        if isinstance(exc, MemoryError):
-            raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise ModelError(f"{p}: not a loadable nnU-Net v1 checkpoint ({first})") from None
+    obj = safe_torch_load(p, "nnU-Net v1")
     if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
         raise ModelError(f"{p}: checkpoint has no 'state_dict'")
     obj["state_dict"] = {(k[7:] if k.startswith("module.") else k): v
