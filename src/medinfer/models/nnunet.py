@@ -72,6 +72,35 @@ def _fold_dirs(path: Path) -> dict[str, Path]:
     return out
 
 
+def fold_checkpoints(path: Path, folds: Sequence[int | str] | None,
+                     name: str) -> tuple[list[str], list[Path]]:
+    """The chosen fold names and their ``fold_<f>/<name>`` checkpoint files (v1 and v2).
+
+    ``folds`` None: every fold with the file, numeric folds in order then ``all``.
+
+    Raises
+    ------
+    ModelError
+        No fold has the file; a requested fold lacks it (the message lists the folds).
+    """
+    available = _fold_dirs(path)
+    if folds is None:
+        chosen = sorted((f for f, d in available.items() if (d / name).is_file()),
+                        key=lambda f: (f == "all", int(f) if f.isdigit() else 0))
+        if not chosen:
+            raise ModelError(f"{path}: no fold_*/{name} found")
+    else:
+        chosen = [str(f) for f in folds]
+    ckpts = []
+    for f in chosen:
+        c = path / f"fold_{f}" / name
+        if not c.is_file():
+            have = ", ".join(sorted(available)) or "none"
+            raise ModelError(f"{path}: fold {f!r} has no {name} (folds present: {have})")
+        ckpts.append(c)
+    return chosen, ckpts
+
+
 def is_nnunet_folder(path: str | os.PathLike[str]) -> bool:
     """True if ``path`` looks like an nnU-Net v2 model folder.
 
@@ -199,21 +228,7 @@ def read_nnunet_folder(
         raise ConfigError(f"checkpoint: {checkpoint!r} is not allowed; choose 'final' or 'best'")
     dataset = _read_json(p / "dataset.json")
     plans = _read_json(p / "plans.json")
-    available = _fold_dirs(p)
-    if folds is None:
-        chosen = sorted((f for f, d in available.items() if (d / _CKPT[checkpoint]).is_file()),
-                        key=lambda f: (f == "all", int(f) if f.isdigit() else 0))
-        if not chosen:
-            raise ModelError(f"{p}: no fold_*/{_CKPT[checkpoint]} found")
-    else:
-        chosen = [str(f) for f in folds]
-    ckpts = []
-    for f in chosen:
-        c = p / f"fold_{f}" / _CKPT[checkpoint]
-        if not c.is_file():
-            have = ", ".join(sorted(available)) or "none"
-            raise ModelError(f"{p}: fold {f!r} has no {_CKPT[checkpoint]} (folds present: {have})")
-        ckpts.append(c)
+    chosen, ckpts = fold_checkpoints(p, folds, _CKPT[checkpoint])
     parts = p.name.split("__")
     cfg_name = parts[2] if len(parts) == 3 else ""
     if not cfg_name:

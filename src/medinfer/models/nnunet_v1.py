@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medinfer.errors import ModelError
-from medinfer.models.nnunet import _fold_dirs
+from medinfer.models.nnunet import _fold_dirs, fold_checkpoints
 from medinfer.models.safe_pickle import load_pickle
 
 if TYPE_CHECKING:
@@ -132,22 +132,8 @@ def read_nnunet_v1_folder(path: str | os.PathLike[str], folds: list[str] | None 
     plans = load_pickle(p / "plans.pkl")
     if not isinstance(plans, dict):
         raise ModelError(f"{p}/plans.pkl: expected a dict, got {type(plans).__name__}")
-    available = _fold_dirs(p)
     name = f"{checkpoint}.model"
-    if folds is None:
-        chosen = sorted((f for f, d in available.items() if (d / name).is_file()),
-                        key=lambda f: (f == "all", int(f) if f.isdigit() else 0))
-        if not chosen:
-            raise ModelError(f"{p}: no fold_*/{name} found")
-    else:
-        chosen = [str(f) for f in folds]
-    ckpts = []
-    for f in chosen:
-        c = p / f"fold_{f}" / name
-        if not c.is_file():
-            have = ", ".join(sorted(available)) or "none"
-            raise ModelError(f"{p}: fold {f!r} has no {name} (folds present: {have})")
-        ckpts.append(c)
+    chosen, ckpts = fold_checkpoints(p, folds, name)
     info_file = ckpts[0].with_name(name + ".pkl")
     info = load_pickle(info_file) if info_file.is_file() else {}
     if not isinstance(info, dict):
