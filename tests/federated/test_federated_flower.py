@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -32,10 +33,13 @@ def test_three_sites_equal_central(tmp_path: Path) -> None:
     data = _dataset(tmp_path / "data", 7)
     model = make_model(tmp_path / "model")
     out = tmp_path / "eval"
+    pythonpath = os.environ.get("PYTHONPATH")
     with pytest.raises(SystemExit) as info:  # one Flower simulation, shared by the checks
         cli_main(["federated", "evaluate", "--sites", "3", "--data", str(data), "-m",
                   str(model), "-o", str(out)])
     assert info.value.code in (0, None)
+    # Flower's Ray backend rewrites PYTHONPATH; the caller's environment is restored
+    assert os.environ.get("PYTHONPATH") == pythonpath
     report = json.loads((out / "evaluation.json").read_text())
     assert report["errors"] == []
     sites = split_cases(data, 3)

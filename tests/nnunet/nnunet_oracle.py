@@ -53,6 +53,27 @@ trainer.run_training()
 """
 
 
+_FOREIGN_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "PIP_TARGET",
+                "PIP_PREFIX", "PIP_USER", "PIP_REQUIRE_VIRTUALENV")
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without variables that make another interpreter's packages visible.
+
+    Some libraries (and tests) leave ``PYTHONPATH`` pointing at medinfer's own venv; pip
+    in the oracle venv would then count torch and numpy as installed and skip them.
+    """
+    return {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV}
+
+
+def _venv_complete(py: Path) -> bool:
+    if not py.is_file() or not (py.parent / "nnUNetv2_predict").exists():
+        return False
+    probe = subprocess.run([str(py), "-c", "import numpy, torch, nnunetv2"], env=clean_env(),
+                           capture_output=True)
+    return probe.returncode == 0
+
+
 def oracle_python() -> Path:
     """Python of the nnU-Net environment (created on first use, see module docstring)."""
     env = os.environ.get("MEDINFER_NNUNET_PYTHON")
@@ -60,16 +81,23 @@ def oracle_python() -> Path:
         return Path(env)
     venv = REPO / ".venv-nnunet"
     py = venv / "bin" / "python"
-    if not (venv / "bin" / "nnUNetv2_predict").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", NNUNET_PINS[0]], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", *NNUNET_PINS], check=True)
+    if not _venv_complete(py):
+        cenv = clean_env()
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True,
+                       env=cenv)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True,
+                       env=cenv)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", NNUNET_PINS[0]], check=True,
+                       env=cenv)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *NNUNET_PINS], check=True,
+                       env=cenv)
+        if not _venv_complete(py):
+            raise RuntimeError(f"the nnU-Net oracle venv {venv} is incomplete after install")
     return py
 
 
 def oracle_env(root: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = clean_env()
     env.update({
         "nnUNet_raw": str(root / "raw"),
         "nnUNet_preprocessed": str(root / "preprocessed"),

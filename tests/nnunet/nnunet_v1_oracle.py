@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
-from nnunet_oracle import REPO, blob_case, oracle_python, save_nifti
+from nnunet_oracle import REPO, blob_case, clean_env, oracle_python, save_nifti
 
 TASK_ID = 991
 TASK = f"Task{TASK_ID}_BlobV1"
@@ -78,12 +77,12 @@ def site_dir() -> Path:
     if not (site / "nnunet" / "inference" / "predict_simple.py").is_file():
         py = oracle_python()
         subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--target",
-                        str(site), *PINS], check=True)
+                        str(site), *PINS], check=True, env=clean_env())
     return site
 
 
 def v1_env(root: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = clean_env()
     env.update({
         "PYTHONPATH": str(site_dir()),
         "nnUNet_raw_data_base": str(root / "raw"),

@@ -287,9 +287,20 @@ def run_simulation(site_cases: Sequence[Sequence[LabelledCase]], *, model: str,
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     (out / "evaluation.json").unlink(missing_ok=True)
-    flwr_run_simulation(server_app=server, client_app=client, num_supernodes=len(site_cases),
-                        backend_config=backend_config or {
-                            "client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    # Flower's Ray backend writes the driver's sys.path into os.environ["PYTHONPATH"] and
+    # leaves it there: every later subprocess of the caller would then see this venv's
+    # packages. Restore the caller's value.
+    saved_pythonpath = os.environ.get("PYTHONPATH")
+    try:
+        flwr_run_simulation(server_app=server, client_app=client,
+                            num_supernodes=len(site_cases),
+                            backend_config=backend_config or {
+                                "client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    finally:
+        if saved_pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved_pythonpath
     path = out / "evaluation.json"
     if not path.is_file():
         raise ConfigError("federated evaluation: the Flower run ended without a report")
