@@ -48,7 +48,7 @@ from medinfer._atomic import atomic_path
 from medinfer.errors import ConfigError, InvalidImageError
 from medinfer.io._dtypes import smallest_int_dtype
 from medinfer.io._limits import check_array_size
-from medinfer.io.sniff import GZIP_ERRORS, nifti_version, read_head
+from medinfer.io.sniff import gzip_errors_as_invalid, nifti_version, read_head
 from medinfer.volume import Volume
 
 __all__ = ["NIFTI_SUFFIXES", "check_nifti_header", "derived_from", "read_nifti", "write_nifti"]
@@ -369,7 +369,7 @@ def _read_voxels(p: Path, gz: bool, offset: int, n_bytes: int) -> np.ndarray:
     """Read ``n_bytes`` starting at ``offset`` into a new uint8 array."""
     buf = np.empty(n_bytes, dtype=np.uint8)
     view = memoryview(buf)  # type: ignore[arg-type]
-    try:
+    with gzip_errors_as_invalid(p):
         with open(p, "rb") as raw_f:
             f: Any = gzip.GzipFile(fileobj=raw_f, mode="rb") if gz else raw_f
             _skip(f, offset)
@@ -386,12 +386,6 @@ def _read_voxels(p: Path, gz: bool, offset: int, n_bytes: int) -> np.ndarray:
                 )
             if gz:
                 f.read(1 << 16)  # reach end of stream when nothing follows: checks the CRC
-    except InvalidImageError:
-        raise
-    except GZIP_ERRORS as exc:
-        raise InvalidImageError(
-            f"{p}: corrupt or truncated gzip stream ({type(exc).__name__}: {exc})"
-        ) from None
     return buf
 
 
@@ -416,7 +410,7 @@ def _read_voxels_scaled(
     block = np.empty(per * item, dtype=np.uint8)
     view = memoryview(block)  # type: ignore[arg-type]
     s, b = out_dtype.type(slope), out_dtype.type(inter)
-    try:
+    with gzip_errors_as_invalid(p):
         with open(p, "rb") as raw_f:
             f: Any = gzip.GzipFile(fileobj=raw_f, mode="rb") if gz else raw_f
             _skip(f, offset)
@@ -442,12 +436,6 @@ def _read_voxels_scaled(
                 done += m
             if gz:
                 f.read(1 << 16)  # reach end of stream when nothing follows: checks the CRC
-    except InvalidImageError:
-        raise
-    except GZIP_ERRORS as exc:
-        raise InvalidImageError(
-            f"{p}: corrupt or truncated gzip stream ({type(exc).__name__}: {exc})"
-        ) from None
     return out
 
 

@@ -16,6 +16,8 @@ import gzip
 import os
 import struct
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 
@@ -31,6 +33,19 @@ _VRS = frozenset(
 )
 #: errors the gzip module raises for corrupt or truncated streams
 GZIP_ERRORS: tuple[type[BaseException], ...] = (EOFError, zlib.error, gzip.BadGzipFile, OSError)
+
+
+@contextmanager
+def gzip_errors_as_invalid(path: Path | str) -> Iterator[None]:
+    """Turn errors of a corrupt or truncated gzip stream read inside the block into
+    :class:`InvalidImageError` naming ``path`` (one message for every reader).
+    """
+    try:
+        yield
+    except GZIP_ERRORS as exc:
+        raise InvalidImageError(
+            f"{path}: corrupt or truncated gzip stream ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 class ImageFormat(StrEnum):
@@ -56,13 +71,8 @@ def read_head(path: str | os.PathLike[str], n: int) -> tuple[bytes, bool]:
         raise InvalidImageError(f"{p}: cannot read the file ({exc.strerror or exc})") from None
     if not raw.startswith(GZIP_MAGIC):
         return raw, False
-    try:
-        with gzip.open(p, "rb") as g:
-            return g.read(n), True
-    except GZIP_ERRORS as exc:
-        raise InvalidImageError(
-            f"{p}: corrupt or truncated gzip stream ({type(exc).__name__}: {exc})"
-        ) from None
+    with gzip_errors_as_invalid(p), gzip.open(p, "rb") as g:
+        return g.read(n), True
 
 
 def nifti_version(head: bytes) -> int | None:
