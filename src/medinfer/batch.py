@@ -486,6 +486,20 @@ class Manifest:
         self._last = 0.0
         self._lock = threading.Lock()
 
+    def remove_stale_temporaries(self) -> None:
+        """Delete the temporaries of ``run*.json`` / ``cases*.csv`` that a killed run left.
+
+        Only this part's own manifest names match (``.cases.csv.<random>.part.csv``), so
+        another part's manifest being written next to it is never touched.
+        """
+        if not self.output_dir.is_dir():
+            return
+        mine = re.compile("^(" + "|".join(
+            re.escape(f".{p.name}.") for p in (self.json_path, self.csv_path)) + r")[^.]+\.part")
+        for p in self.output_dir.iterdir():
+            if mine.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+
     def add(self, record: CaseRecord, *, save: bool = True) -> None:
         with self._lock:
             self.records[record.id] = record
@@ -888,6 +902,7 @@ def execute_predict(
                        skip_existing=skip_existing, overwrite=overwrite,
                        num_parts=num_parts, part_id=part_id)
     manifest = Manifest(output_dir, info, specs, num_parts=num_parts, part_id=part_id)
+    manifest.remove_stale_temporaries()
     result = BatchResult()
     for s in specs:
         if s.action == "skip":

@@ -264,3 +264,30 @@ def test_stale_temporaries_of_this_case_only(tmp_path: Path) -> None:
     remove_stale_temporaries(tmp_path, "a")
     left = [n for n in os.listdir(tmp_path)]
     assert len(left) == 1 and left[0].startswith(".a_b_seg.nii.gz")
+
+
+def test_stale_manifest_temporaries_of_this_part_only(tmp_path: Path) -> None:
+    """A run killed while it rewrote run.json / cases.csv leaves their temporaries; the
+    next run over the folder removes its own and leaves another part's alone."""
+    import tempfile
+
+    from medinfer.batch import Manifest, RunInfo
+
+    info = RunInfo("m", "sha256:0", {})
+
+    def leftover(final: str) -> str:
+        suffix = "".join(Path(final).suffixes[-1:])
+        fd, name = tempfile.mkstemp(prefix=f".{final}.", suffix=".part" + suffix,
+                                    dir=tmp_path)
+        os.close(fd)
+        return Path(name).name
+
+    mine = {leftover("cases.csv"), leftover("run.json")}
+    other = {leftover("cases.part1of2.csv"), leftover("run.part1of2.json")}
+    (tmp_path / "cases.csv").write_text("final\n")
+    Manifest(tmp_path, info, []).remove_stale_temporaries()
+    left = set(os.listdir(tmp_path))
+    assert not mine & left
+    assert left == other | {"cases.csv"}
+    Manifest(tmp_path, info, [], num_parts=2, part_id=1).remove_stale_temporaries()
+    assert set(os.listdir(tmp_path)) == {"cases.csv"}
