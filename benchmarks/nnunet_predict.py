@@ -25,11 +25,16 @@ With ``--v1`` the rows compare nnU-Net **v1**: ``nnUNet_predict`` (nnU-Net 1.7.1
 flags** (``-i -o -t -tr -p -m -f 0 [--disable_tta]``), both as fresh process trees, on a
 copy of the v1 test model with its patch enlarged to ``16 x 64 x 64``.
 
+With ``--2d`` the models are the 2-D test models of ``tests/nnunet/nnunet_2d_oracle.py``
+(v1 ``-m 2d``, v2 ``-c 2d``), copied with the patch enlarged to ``128 x 128``; nnU-Net
+runs one 2-D window at a time slice by slice, medinfer stacks of slices.
+
 Usage::
 
     MEDINFER_NNUNET_PYTHON=/path/to/python-with-nnunetv2 \\
         .venv/bin/python benchmarks/nnunet_predict.py --shape 160 48 160 --classes 3 60
     .venv/bin/python benchmarks/nnunet_predict.py --shape 160 48 160 --v1
+    .venv/bin/python benchmarks/nnunet_predict.py --shape 160 48 160 --v1 --2d --tta off
 """
 
 from __future__ import annotations
@@ -52,15 +57,19 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "nnunet"))
 
+import nnunet_2d_oracle as oracle_2d  # noqa: E402
 import nnunet_oracle as oracle  # noqa: E402
 import nnunet_v1_oracle as oracle_v1  # noqa: E402
+
+PATCH_3D = [16, 64, 64]
+PATCH_2D = [128, 128]
 
 _RANDOM_CKPT = """
 import sys, torch, json
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 folder, k = sys.argv[1], int(sys.argv[2])
 plans = json.load(open(folder + '/plans.json'))
-arch = plans['configurations']['3d_fullres']['architecture']
+arch = plans['configurations'][sys.argv[3]]['architecture']
 torch.manual_seed(0)
 net = get_network_from_plans(arch['network_class_name'], arch['arch_kwargs'],
                              arch['_kw_requires_import'], 2, k, deep_supervision=False)
@@ -120,20 +129,21 @@ def measure(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
     return {"wall_s": wall, "tree_peak_mib": peak[0] / 1024, "proc_peak_mib": peak[1] / 1024}
 
 
-def model_copy(base: Path, work: Path, classes: int) -> Path:
+def model_copy(base: Path, work: Path, classes: int, config: str = "3d_fullres",
+               patch: list[int] = PATCH_3D) -> Path:
     dst = work / f"m{classes}" / base.parents[0].name / base.name
     dst.parent.mkdir(parents=True)
     shutil.copytree(base, dst, ignore=shutil.ignore_patterns("validation", "*.png",
                                                              "checkpoint_best.pth"))
     plans = json.loads((dst / "plans.json").read_text())
-    plans["configurations"]["3d_fullres"]["patch_size"] = [16, 64, 64]
+    plans["configurations"][config]["patch_size"] = patch
     (dst / "plans.json").write_text(json.dumps(plans))
     if classes != 3:
         ds = json.loads((dst / "dataset.json").read_text())
         ds["labels"] = {"background": 0, **{f"c{i}": i for i in range(1, classes)}}
         (dst / "dataset.json").write_text(json.dumps(ds))
         subprocess.run([str(oracle.oracle_python()), "-c", _RANDOM_CKPT, str(dst),
-                        str(classes)], check=True, capture_output=True)
+                        str(classes), config], check=True, capture_output=True)
     return dst
 
 
@@ -166,13 +176,16 @@ def _dice_row(ln: np.ndarray, lm: np.ndarray) -> dict[str, float]:
             "same": float(np.mean(ln == lm))}
 
 
-def run_v1(shape: tuple[int, int, int], threads: int, ttas: list[bool]) -> None:
+def run_v1(shape: tuple[int, int, int], threads: int, ttas: list[bool],
+           two_d: bool = False) -> None:
     """v1 rows: ``nnUNet_predict`` vs ``medinfer-nnUNet_predict``, same flags."""
     import pickle
 
     import nibabel as nib
 
-    base = oracle_v1.build_v1_model()
+    base = oracle_2d.build_v1_2d_model() if two_d else oracle_v1.build_v1_model()
+    task = oracle_2d.V1_TASK if two_d else oracle_v1.TASK
+    patch = PATCH_2D if two_d else PATCH_3D
     spacing = (0.9, 2.6, 0.9)
     img, _ = oracle.blob_case(np.random.default_rng(5), shape, spacing)
     rows = []
@@ -190,12 +203,12 @@ def run_v1(shape: tuple[int, int, int], threads: int, ttas: list[bool]) -> None:
             obj = pickle.loads(f.read_bytes())  # our own test model (trusted)
             plans = obj["plans"] if "plans" in obj else obj
             stage = max(plans["plans_per_stage"])
-            plans["plans_per_stage"][stage]["patch_size"] = np.array([16, 64, 64])
+            plans["plans_per_stage"][stage]["patch_size"] = np.array(patch)
             f.write_bytes(pickle.dumps(obj))
         env = {**oracle_v1.v1_env(work), "RESULTS_FOLDER": str(results),
                "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        flags = ["-t", oracle_v1.TASK, "-tr", oracle_v1.TRAINER, "-p", oracle_v1.PLANS,
-                 "-m", "3d_fullres", "-f", "0"]
+        flags = ["-t", task, "-tr", oracle_v1.TRAINER, "-p", oracle_v1.PLANS,
+                 "-m", "2d" if two_d else "3d_fullres", "-f", "0"]
         for tta in ttas:
             o_nn, o_mi = work / f"v1nn{tta}", work / f"v1mi{tta}"
             extra = [] if tta else ["--disable_tta"]
@@ -206,7 +219,8 @@ def run_v1(shape: tuple[int, int, int], threads: int, ttas: list[bool]) -> None:
             ln = np.asarray(nib.load(str(o_nn / "case.nii.gz")).dataobj)
             lm = np.asarray(nib.load(str(o_mi / "case.nii.gz")).dataobj)
             rows.append({"tta": tta, "nn": r_nn, "mi": r_mi, **_dice_row(ln, lm)})
-    print(f"\nnnU-Net v1: input {shape} at {spacing} mm, oblique, 2 channels; patch 16x64x64; "
+    print(f"\nnnU-Net v1 {'2d' if two_d else '3d_fullres'}: input {shape} at {spacing} mm, "
+          f"oblique, 2 channels; patch {'x'.join(map(str, patch))}; "
           f"CPU, OMP_NUM_THREADS={threads}\n")
     print("| TTA | nnUNet_predict wall (s) | medinfer-nnUNet_predict wall (s) | speed-up | "
           "nnU-Net peak RSS, tree / largest proc (MiB) | medinfer peak RSS, tree (MiB) | "
@@ -228,12 +242,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tta", choices=["on", "off", "both"], default="both")
     ap.add_argument("--v1", action="store_true", help="nnU-Net v1 rows instead of v2")
+    ap.add_argument("--2d", dest="two_d", action="store_true",
+                    help="2-D configurations (v1 -m 2d, v2 -c 2d) instead of 3d_fullres")
     a = ap.parse_args()
     if a.v1:
         run_v1((a.shape[0], a.shape[1], a.shape[2]), a.threads,
-               {"on": [True], "off": [False], "both": [False, True]}[a.tta])
+               {"on": [True], "off": [False], "both": [False, True]}[a.tta], a.two_d)
         return
-    base = oracle.build_model()
+    base = oracle_2d.build_v2_2d_model() if a.two_d else oracle.build_model()
+    config, patch = ("2d", PATCH_2D) if a.two_d else ("3d_fullres", PATCH_3D)
     spacing = (0.9, 2.6, 0.9)
     rng = np.random.default_rng(5)
     img, _ = oracle.blob_case(rng, tuple(a.shape), spacing)
@@ -247,7 +264,7 @@ def main() -> None:
             oracle.save_nifti(img[c], aff, inp / f"case_{c:04d}.nii.gz")
         ttas = {"on": [True], "off": [False], "both": [False, True]}[a.tta]
         for k in a.classes:
-            model = model_copy(base, work, k)
+            model = model_copy(base, work, k, config, patch)
             env = {**oracle.oracle_env(model.parents[2]), "OMP_NUM_THREADS": str(a.threads),
                    "MKL_NUM_THREADS": str(a.threads)}
             for tta in ttas:
@@ -281,7 +298,8 @@ def main() -> None:
                              "mean_dice": float(np.average(dices, weights=sizes))
                              if dices else float("nan"),
                              "same": float(np.mean(ln == lm))})
-    print(f"\ninput {tuple(a.shape)} at {spacing} mm, oblique, 2 channels; patch 16x64x64; "
+    print(f"\n{config}: input {tuple(a.shape)} at {spacing} mm, oblique, 2 channels; "
+          f"patch {'x'.join(map(str, patch))}; "
           f"CPU, {a.threads} torch threads; maxrss of children "
           f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB\n")
     print("| classes | TTA | nnUNetv2_predict wall (s) | medinfer wall (s) | speed-up | "

@@ -42,9 +42,14 @@ SHAPE = (44, 14, 40)
 N_TRAIN = 6
 NNUNET_PINS = ("torch==2.13.0", "nnunetv2==2.6.0")
 ITERATIONS = 60
+SEEDS = (0, 1, 2, 3, 4)
 _TRAIN = """
-import sys, torch
+import random, sys, numpy, torch
 from nnunetv2.run.run_training import get_trainer_from_args
+seed = int(sys.argv[6])
+random.seed(seed)
+numpy.random.seed(seed)
+torch.manual_seed(seed)
 trainer = get_trainer_from_args(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4],
                                 device=torch.device("cpu"))
 trainer.num_iterations_per_epoch = int(sys.argv[5])
@@ -212,6 +217,61 @@ def _shrink_plans(plans_file: Path) -> None:
     plans_file.write_text(json.dumps(plans, indent=2))
 
 
+# The inputs the tests predict (test_nnunet.py, test_nnunet_cli.py): name -> shape, spacing
+# (mm), oblique angle (deg) or None, drawn in order from one default_rng(seed).
+TEST_CASES: dict[str, tuple[tuple[int, int, int], tuple[float, float, float], float | None]] = {
+    # on the training grid (axis-aligned, the training spacing)
+    "aligned": ((44, 14, 40), SPACING, None),
+    # oblique, LPS-like flips, other anisotropic spacing: resampling with separate z
+    "oblique": ((37, 18, 30), (0.95, 2.2, 1.1), 17.0),
+}
+TEST_SEED, TEST_ORIGIN = 99, (4.0, -7.0, 11.0)
+CLI_CASES: dict[str, tuple[tuple[int, int, int], tuple[float, float, float], float | None]] = {
+    "case_a": ((40, 13, 36), (0.8, 3.0, 0.8), None),
+    "case_b": ((33, 16, 29), (0.95, 2.2, 1.1), 17.0),
+    "case_c": ((30, 12, 30), (1.0, 3.3, 0.9), -23.0),
+}
+CLI_SEED = 7
+
+
+def write_cases(d: Path, cases: dict[str, tuple[tuple[int, int, int],
+                                              tuple[float, float, float], float | None]],
+                seed: int, origin: tuple[float, float, float] | None = None) -> Path:
+    """Write each case of ``cases`` (name -> shape, spacing mm, oblique angle deg or None) as two
+    channel files ``NAME_0000/0001.nii.gz`` in ``d``: blob images drawn in order from one
+    ``default_rng(seed)``; axis-aligned cases get ``origin`` (mm) when given. Returns ``d``."""
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, (shape, spacing, angle) in cases.items():
+        img, _ = blob_case(rng, shape, spacing)
+        if angle is None:
+            aff = np.diag([*spacing, 1.0])
+            if origin is not None:
+                aff[:3, 3] = origin
+        else:
+            aff = oblique_affine(spacing, angle)
+        for c in range(2):
+            save_nifti(img[c], aff, d / f"{name}_{c:04d}.nii.gz")
+    return d
+
+
+def _paints_every_label(folder: Path, root: Path) -> bool:
+    """Whether nnU-Net's own prediction (TTA off and on) of every test input holds labels 1
+    and 2: a model that misses one makes the comparisons trivial. Training is seeded, but
+    CPU kernels differ between machines, so a short run can end near such a model."""
+    check = root / "check"
+    write_cases(check / "in", TEST_CASES, TEST_SEED, TEST_ORIGIN)
+    write_cases(check / "in", CLI_CASES, CLI_SEED)
+    for tta in (False, True):
+        out = check / f"out_tta{int(tta)}"
+        nnunet_predict(folder, check / "in", out, tta=tta)
+        for name in (*TEST_CASES, *CLI_CASES):
+            lab = np.asarray(nib.load(str(out / f"{name}.nii.gz")).dataobj)
+            if not all(np.any(lab == v) for v in (1, 2)):
+                return False
+    return True
+
+
 def _cache_key() -> str:
     h = hashlib.sha256(Path(__file__).read_bytes())
     h.update(" ".join(NNUNET_PINS).encode())
@@ -224,7 +284,7 @@ def build_model(work: Path | None = None) -> Path:
     cache = Path(os.environ.get("MEDINFER_NNUNET_CACHE", REPO / ".venv-nnunet" / "cache"))
     root = cache / _cache_key() if work is None else work
     folder = root / "results" / DATASET / f"{TRAINER}__nnUNetPlans__{CONFIG}"
-    if (folder / "fold_0" / "checkpoint_final.pth").is_file():
+    if (root / "validated").is_file() and (folder / "fold_0" / "checkpoint_final.pth").is_file():
         return folder
     root.mkdir(parents=True, exist_ok=True)
     env = oracle_env(root)
@@ -238,9 +298,16 @@ def build_model(work: Path | None = None) -> Path:
     # plans from nnU-Net, its data loader, augmentation, loss, optimiser and checkpoint
     # writer), with fewer iterations per epoch so that it takes about a minute on CPU;
     # no data-augmentation worker processes (single-threaded augmenter) on 2-core machines.
-    _run([str(py), "-c", _TRAIN, d, CONFIG, "0", TRAINER, str(ITERATIONS)],
-         {**env, "nnUNet_n_proc_DA": "0"})
-    return folder
+    # Seeded; the model must paint both labels on every test input, else the next seed.
+    for seed in SEEDS:
+        _run([str(py), "-c", _TRAIN, d, CONFIG, "0", TRAINER, str(ITERATIONS), str(seed)],
+             {**env, "nnUNet_n_proc_DA": "0"})
+        if _paints_every_label(folder, root):
+            (root / "validated").write_text(f"seed {seed}\n")
+            return folder
+        (folder / "fold_0" / "checkpoint_final.pth").unlink()
+    raise RuntimeError(f"nnU-Net's {ITERATIONS}-iteration training with seeds {SEEDS} never gave "
+                       f"a model that paints labels 1 and 2 on every test input ({folder})")
 
 
 def nnunet_predict(model_folder: Path, in_dir: Path, out_dir: Path, *, tta: bool,

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 from nnunet_oracle import (
-    SPACING,
-    blob_case,
+    TEST_CASES,
+    TEST_ORIGIN,
+    TEST_SEED,
     build_model,
     nnunet_predict,
-    oblique_affine,
     save_nifti,
+    write_cases,
 )
 
 from medinfer import io
@@ -36,12 +37,7 @@ from medinfer.volume import Volume
 # first run on a fresh machine: creates the nnU-Net environment and trains the model
 pytestmark = pytest.mark.timeout(2400)
 
-CASES = {
-    # on the training grid (axis-aligned, the training spacing)
-    "aligned": ((44, 14, 40), SPACING, None),
-    # oblique, LPS-like flips, other anisotropic spacing: resampling with separate z
-    "oblique": ((37, 18, 30), (0.95, 2.2, 1.1), 17.0),
-}
+CASES = TEST_CASES
 
 
 @pytest.fixture(scope="session")
@@ -52,17 +48,7 @@ def model_folder() -> Path:
 @pytest.fixture(scope="session")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("nn_in")
-    rng = np.random.default_rng(99)
-    for name, (shape, spacing, angle) in CASES.items():
-        img, _ = blob_case(rng, shape, spacing)
-        if angle is None:
-            aff = np.diag([*spacing, 1.0])
-            aff[:3, 3] = [4.0, -7.0, 11.0]
-        else:
-            aff = oblique_affine(spacing, angle)
-        for c in range(2):
-            save_nifti(img[c], aff, d / f"{name}_{c:04d}.nii.gz")
-    return d
+    return write_cases(d, CASES, TEST_SEED, origin=TEST_ORIGIN)
 
 
 @pytest.fixture(scope="session")

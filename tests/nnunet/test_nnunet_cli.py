@@ -14,12 +14,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 from nnunet_oracle import (
+    CLI_CASES,
+    CLI_SEED,
     DATASET_ID,
-    blob_case,
     build_model,
-    oblique_affine,
     oracle_env,
-    save_nifti,
+    write_cases,
 )
 from nnunet_oracle import _run as run_oracle
 from nnunet_oracle import _tool as oracle_tool
@@ -27,7 +27,7 @@ from nnunet_oracle import _tool as oracle_tool
 pytestmark = pytest.mark.timeout(2400)
 
 SCRIPT = str(Path(sys.executable).parent / "medinfer-nnUNetv2_predict")
-CASES = ["case_a", "case_b", "case_c"]
+CASES = sorted(CLI_CASES)
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +37,7 @@ def results() -> Path:
 
 @pytest.fixture(scope="module")
 def in_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("cli_in")
-    rng = np.random.default_rng(7)
-    geoms = [((40, 13, 36), (0.8, 3.0, 0.8), None), ((33, 16, 29), (0.95, 2.2, 1.1), 17.0),
-             ((30, 12, 30), (1.0, 3.3, 0.9), -23.0)]
-    for name, (shape, spacing, angle) in zip(CASES, geoms, strict=True):
-        img, _ = blob_case(rng, shape, spacing)
-        if angle is None:
-            aff = np.diag([*spacing, 1.0])
-        else:
-            aff = oblique_affine(spacing, angle)
-        for c in range(2):
-            save_nifti(img[c], aff, d / f"{name}_{c:04d}.nii.gz")
+    d = write_cases(tmp_path_factory.mktemp("cli_in"), CLI_CASES, CLI_SEED)
     (d / "notes.txt").write_text("ignored, as nnU-Net ignores it")
     return d
 

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from nnunet_oracle import blob_case, oblique_affine, oracle_python, save_nifti
+from nnunet_oracle import oracle_python, write_cases
 from nnunet_v1_oracle import PLANS, TASK, TASK_ID, TRAINER, build_v1_model, v1_env, v1_predict
 
 from medinfer import io
@@ -43,13 +43,7 @@ def v1_folder() -> Path:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("v1_in")
-    rng = np.random.default_rng(5)
-    for name, (shape, spacing, angle) in CASES.items():
-        img, _ = blob_case(rng, shape, spacing)
-        aff = np.diag([*spacing, 1.0]) if angle is None else oblique_affine(spacing, angle)
-        for c in range(2):
-            save_nifti(img[c], aff, d / f"{name}_{c:04d}.nii.gz")
-    return d
+    return write_cases(d, CASES, 5)
 
 
 #: nnU-Net v1's mirroring TTA is slow on CPU: the TTA-on comparison runs on the oblique case

@@ -45,8 +45,13 @@ public API (:mod:`medinfer.inference`).
 The returned label map has exactly the input's shape and affine (RAS+), which is also
 where ``nnUNetv2_predict`` puts its output through SimpleITK.
 
-Not done: the cascade (``3d_lowres`` -> ``3d_cascade_fullres``, needs the low-resolution
-segmentation as extra input channels); 2-D configurations. Both raise :class:`ModelError`.
+2-D configurations (``2d``): the same steps with the slice axis (model axis 0) kept at
+its spacing, a 2-D sliding window per slice (:mod:`medinfer.formats.nnunet_2d`).
+
+Cascades (a configuration with ``previous_stage``, e.g. ``3d_cascade_fullres``): the
+previous stage's label map of the case is given (``predict(..., previous_stage=)``,
+``-prev_stage_predictions``), cropped with the image, resampled and appended as one-hot
+input channels of the foreground labels (:mod:`medinfer.formats.nnunet_cascade`).
 
 """
 
@@ -317,7 +322,8 @@ class NnUNetGrid:
     target_spacing: tuple[float, float, float]
 
 
-def preprocess(volume: Volume, folder: NnUNetFolder) -> tuple[np.ndarray, NnUNetGrid]:
+def preprocess(volume: Volume, folder: NnUNetFolder, previous_stage: np.ndarray | None = None
+               ) -> tuple[np.ndarray, NnUNetGrid]:
     """Bring a scan into the model's grid exactly as nnU-Net's ``DefaultPreprocessor``.
 
     Parameters
@@ -325,11 +331,16 @@ def preprocess(volume: Volume, folder: NnUNetFolder) -> tuple[np.ndarray, NnUNet
     volume : ``(C, I, J, K)``, any dtype, affine voxel -> RAS+ mm (only the spacing, the
         column norms, matters; orientation is kept, as in nnU-Net).
     folder : the model folder.
+    previous_stage : cascades: the previous stage's integer label map ``(I, J, K)`` on
+        the scan's grid; it is cropped with the image (and widens the normalisation mask,
+        ``seg >= 0``), resampled and appended as one-hot channels of the foreground labels
+        (:mod:`medinfer.formats.nnunet_cascade`, as ``run_case`` with a ``seg_file``).
 
     Returns
     -------
     (data, grid)
-        ``data`` float32 ``(C, *grid.model_shape)``; ``grid`` for the export.
+        ``data`` float32 ``(C, *grid.model_shape)`` (C + foreground labels for a cascade);
+        ``grid`` for the export.
 
     Raises
     ------
@@ -341,8 +352,15 @@ def preprocess(volume: Volume, folder: NnUNetFolder) -> tuple[np.ndarray, NnUNet
         volume, folder.plans, folder.num_input_channels, f"nnU-Net model {folder.path.name!r}")
     crop_shape = data.shape[1:]
     target = [float(v) for v in cfg["spacing"]]
+    if len(target) == 2:  # 2-D: the slice axis keeps its spacing (DefaultPreprocessor)
+        target = [spacing[0], *target]
     new_shape = [int(round(s / t * n)) for s, t, n in zip(spacing, target, crop_shape,
                                                         strict=True)]
+    seg = None
+    if previous_stage is not None:
+        from medinfer.formats.nnunet_cascade import crop_previous_stage
+
+        seg, mask = crop_previous_stage(previous_stage, perm, bbox, mask)
     _normalise(data, mask, folder)
     kw = dict(cfg.get("resampling_fn_data_kwargs", {}))
     if cfg.get("resampling_fn_data", "resample_data_or_seg_to_shape") != \
@@ -352,6 +370,11 @@ def preprocess(volume: Volume, folder: NnUNetFolder) -> tuple[np.ndarray, NnUNet
     data = resample_to_shape(data, new_shape, spacing, target, order=int(kw.get("order", 3)),
                              order_z=int(kw.get("order_z", 0)),
                              force_separate_z=kw.get("force_separate_z"))
+    if seg is not None:
+        from medinfer.formats.nnunet_cascade import v2_previous_stage_channels
+
+        data = np.concatenate([data, v2_previous_stage_channels(
+            seg, new_shape, spacing, target, folder)])
     return model_input(data, perm, bbox, crop_shape, new_shape, spacing, target)
 
 
@@ -480,6 +503,8 @@ class NnUNetPredictor:
         call holds at most ``voxel_budget`` input voxels (better use of the CPU/GPU for
         small patches; same results up to float rounding of the convolutions), and at
         most ``16 * voxel_budget`` output logits (``K`` classes x voxels) per call.
+        2-D configurations: a window is a stack of consecutive slices whose depth is
+        set by the same budget (:mod:`medinfer.formats.nnunet_2d`).
     voxel_budget : input voxels per network call for the automatic batching.
 
     Raises
@@ -533,9 +558,33 @@ class NnUNetPredictor:
     #: the networks give probabilities (v1 ensembles), not logits
     _outputs_probabilities = False
 
+    #: cascades: the previous stage's label map of the case being predicted
+    _previous_labels: np.ndarray | None = None
+
     # hooks that nnU-Net v1 (medinfer.formats.nnunet_v1) overrides
+    def _set_previous_stage(self, volume: Volume,
+                            previous_stage: Volume | np.ndarray | None) -> None:
+        """Check and keep the previous stage's map of a cascade for :meth:`_preprocess`."""
+        from medinfer.formats.nnunet_cascade import check_previous_stage
+
+        prev = self.folder.previous_stage
+        if prev is None:
+            if previous_stage is not None:
+                raise ModelError(f"{self.folder.path}: previous_stage given, but configuration "
+                                 f"{self.folder.configuration_name!r} is not a cascade")
+            self._previous_labels = None
+            return
+        if previous_stage is None:
+            raise ConfigError(f"{self.folder.path}: configuration "
+                              f"{self.folder.configuration_name!r} is a cascade; it needs the "
+                              f"{prev!r} segmentation of the case (previous_stage=, "
+                              "-prev_stage_predictions)")
+        arr = previous_stage if isinstance(previous_stage, np.ndarray) else previous_stage.array
+        self._previous_labels = check_previous_stage(arr, volume.spatial_shape,
+                                                     "previous_stage")
+
     def _preprocess(self, volume: Volume) -> tuple[np.ndarray, NnUNetGrid]:
-        return preprocess(volume, self.folder)
+        return preprocess(volume, self.folder, self._previous_labels)
 
     def _patch_size(self) -> tuple[int, ...]:
         return tuple(int(p) for p in self.folder.configuration["patch_size"])
@@ -561,8 +610,8 @@ class NnUNetPredictor:
         output label map; see :func:`display_card`."""
         return display_card(self.name, self._label_names(), "dataset.json", self.version)
 
-    def predict(self, volume: Volume, progress: Callable[[str, float], None] | None = None
-                ) -> Prediction:
+    def predict(self, volume: Volume, progress: Callable[[str, float], None] | None = None,
+                *, previous_stage: Volume | np.ndarray | None = None) -> Prediction:
         """Segment ``volume``; the label map has exactly its shape and affine.
 
         Parameters
@@ -571,15 +620,27 @@ class NnUNetPredictor:
             RAS+ mm.
         progress : optional ``progress(stage, fraction)``, stages ``preprocess`` then
             ``inference`` (inference and export are streamed together).
+        previous_stage : cascades (a configuration with ``previous_stage``): the previous
+            stage's label map of this scan, ``(1, I, J, K)`` Volume or ``(I, J, K)``
+            integer array on the scan's voxel grid (what ``-prev_stage_predictions``
+            holds); required for them, refused for other models.
 
         Returns
         -------
         Prediction
             ``label`` uint8 (uint16 above 255 labels) ``(1, I, J, K)``, ``statistics``,
             ``timings``; ``probabilities`` when requested.
+
+        Raises
+        ------
+        InvalidImageError
+            Wrong channels; ``previous_stage`` not on the scan's grid or not a label map.
+        ConfigError, ModelError
+            A cascade without ``previous_stage``; ``previous_stage`` for another model.
         """
         import torch
 
+        from medinfer.formats.nnunet_2d import slice_windows
         from medinfer.inference import (
             SlabExporter,
             make_tta_runner,
@@ -597,25 +658,37 @@ class NnUNetPredictor:
 
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        data, grid = self._preprocess(volume)
+        self._set_previous_stage(volume, previous_stage)
+        try:
+            data, grid = self._preprocess(volume)
+        finally:
+            self._previous_labels = None
         timings["preprocess"] = time.perf_counter() - t0
         report("preprocess", 1.0)
 
         t1 = time.perf_counter()
         patch = self._patch_size()
         size = grid.model_shape
-        pads = pad_spec(size, patch)
-        padded = [s + b + a for s, (b, a) in zip(size, pads, strict=True)]
-        starts = compute_steps(padded, patch, self.step_size)
-        weight = self._importance_map(patch)
-        flips = tta_flips(self.mirror_axes if self.tta else ())
         # automatic batching, bounded by input voxels and by output logits per call
-        per_window = len(flips) * int(np.prod(patch))
         out_budget = 16 * self.voxel_budget // max(self._num_heads(), 1)
         budget = min(self.voxel_budget, out_budget)
+        model: Callable[[torch.Tensor], torch.Tensor] = self.model
+        mirror_axes = self.mirror_axes if self.tta else ()
+        if len(patch) == 2:  # 2-D configuration: stacks of slices (formats.nnunet_2d)
+            sw = slice_windows(size, patch, self.step_size, self._importance_map(patch),
+                               mirror_axes, budget, self.model)
+            patch, pads, starts, weight = sw.patch, sw.pads, sw.starts, sw.weight
+            model, mirror_axes = sw.model, sw.mirror_axes
+        else:
+            pads = pad_spec(size, patch)
+            padded = [s + b + a for s, (b, a) in zip(size, pads, strict=True)]
+            starts = compute_steps(padded, patch, self.step_size)
+            weight = self._importance_map(patch)
+        flips = tta_flips(mirror_axes)
+        per_window = len(flips) * int(np.prod(patch))
         batch_flips = per_window <= budget
         batch = self.batch_size or (max(1, budget // per_window) if batch_flips else 1)
-        run = make_tta_runner(self.model, flips, amp=self.device.type == "cuda",
+        run = make_tta_runner(model, flips, amp=self.device.type == "cuda",
                               batch_flips=batch_flips)
 
         names = self._label_names()
@@ -641,7 +714,8 @@ class NnUNetPredictor:
             if rco is None:
                 return t.argmax(0).numpy().astype(dtype)
             seg = np.zeros(logits.shape[1:], dtype=dtype)
-            sig = torch.sigmoid(t).numpy()
+            # v1 region models output sigmoid probabilities already (v1 export: > 0.5)
+            sig = logits if self._outputs_probabilities else torch.sigmoid(t).numpy()
             for i, c in enumerate(rco):
                 seg[sig[i] > 0.5] = c
             return seg

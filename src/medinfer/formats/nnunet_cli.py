@@ -90,7 +90,7 @@ def build_parser(flavour: str, prog: str | None = None) -> argparse.ArgumentPars
         p.add_argument("-npp", type=int, default=3, help="accepted; ignored")
         p.add_argument("-nps", type=int, default=3, help="accepted; ignored")
         p.add_argument("-prev_stage_predictions", type=str, default=None,
-                       help="cascade input (not supported)")
+                       help="folder with the previous stage's <case> segmentations (cascade)")
         p.add_argument("-num_parts", type=int, default=1, help="split the cases in parts")
         p.add_argument("-part_id", type=int, default=0, help="which part this call runs")
         p.add_argument("-device", type=str, default=None,
@@ -303,8 +303,6 @@ def _v2(args: argparse.Namespace) -> int:
     from medinfer.formats.nnunet import NnUNetPredictor
 
     log = logging.getLogger("medinfer.nnunet")
-    if args.prev_stage_predictions is not None:
-        raise ConfigError("-prev_stage_predictions: cascade models are not supported")
     if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
         raise ConfigError(f"-part_id {args.part_id} / -num_parts {args.num_parts}: need "
                           "num_parts >= 1 and 0 <= part_id < num_parts")
@@ -322,6 +320,18 @@ def _v2(args: argparse.Namespace) -> int:
     ending = str(predictor.folder.dataset.get("file_ending", ".nii.gz"))
     cases = list_cases(args.i, ending, predictor.folder.num_input_channels)
     mine = list(cases)[args.part_id::args.num_parts]
+    prev_dir = Path(args.prev_stage_predictions) if args.prev_stage_predictions else None
+    if predictor.folder.previous_stage is not None and prev_dir is None:
+        raise ConfigError(f"-c {args.c} is a cascade: give the {predictor.folder.previous_stage} "
+                          "predictions with -prev_stage_predictions DIR")
+    if prev_dir is not None:
+        if predictor.folder.previous_stage is None:
+            raise ConfigError(f"-prev_stage_predictions: -c {args.c} is not a cascade "
+                              "configuration (no previous_stage in plans.json)")
+        missing = [c for c in mine if not (prev_dir / f"{c}{ending}").is_file()]
+        if missing:
+            raise InvalidImageError(f"-prev_stage_predictions {prev_dir}: no segmentation for "
+                                    f"case(s) {', '.join(missing[:10])} (<case>{ending})")
     out_dir = Path(args.o)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "dataset.json", json.dumps(predictor.folder.dataset, indent=4))
@@ -334,9 +344,12 @@ def _v2(args: argparse.Namespace) -> int:
         mine = [c for c in mine if c not in skipped]
         if skipped:
             log.info("--continue_prediction: %d case(s) already done", len(skipped))
+    from medinfer import io
+
     for case in mine:
         volume = _load_case(cases[case])
-        pred = predictor.predict(volume)
+        prev = io.load(prev_dir / f"{case}{ending}") if prev_dir is not None else None
+        pred = predictor.predict(volume, previous_stage=prev)
         _write_case(out_dir, case, ending, volume, pred, predictor, args.save_probabilities)
         log.info("%s: %s", case, out_dir / f"{case}{ending}")
     return 0
@@ -352,22 +365,42 @@ def _v1(args: argparse.Namespace) -> int:
     from medinfer.formats.nnunet_v1 import NnUNetV1Predictor
 
     log = logging.getLogger("medinfer.nnunet")
-    if args.model == "3d_cascade_fullres" or args.lowres_segmentations != "None":
-        raise ConfigError("-m 3d_cascade_fullres / -l: cascade models are not supported")
     if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
         raise ConfigError(f"--part_id {args.part_id} / --num_parts {args.num_parts}: need "
                           "num_parts >= 1 and 0 <= part_id < num_parts")
-    folder = find_v1_model(args.task_name, args.trainer_class_name, args.plans_identifier,
-                           args.model)
+    cascade = args.model == "3d_cascade_fullres"
+    lowres_segs = None if args.lowres_segmentations == "None" else Path(
+        args.lowres_segmentations)
+    if cascade and lowres_segs is None and (args.part_id, args.num_parts) != (0, 1):
+        raise ConfigError("-m 3d_cascade_fullres without -l: --part_id / --num_parts are not "
+                          "supported (as in nnU-Net v1); run -m 3d_lowres first and pass its "
+                          "output folder with -l")
+    trainer = args.cascade_trainer_class_name if cascade else args.trainer_class_name
+    folder = find_v1_model(args.task_name, trainer, args.plans_identifier, args.model)
+    lowres_model = find_v1_model(args.task_name, args.trainer_class_name,
+                                 args.plans_identifier, "3d_lowres") \
+        if cascade and lowres_segs is None else None
     # `medinfer nnunet predict --folds 0 1` arrives as "0,1" (medinfer.cli joins the values)
     folds = None if args.folds == "None" or args.folds == ["None"] else [
         f for v in args.folds for f in str(v).split(",") if f]
     predictor = NnUNetV1Predictor(folder, folds=folds, checkpoint=args.chk,
                                   tta=not args.disable_tta, step_size=args.step_size,
-                                  save_probabilities=args.save_npz)
+                                  save_probabilities=args.save_npz,
+                                  lowres_model_dir=lowres_model)
+    if lowres_segs is not None and not predictor.v1.is_cascade:
+        raise ConfigError(f"-l {lowres_segs}: {predictor.v1.trainer_name} ({args.model}) is not "
+                          "a cascade model; -l belongs to -m 3d_cascade_fullres")
     cases = list_cases(args.input_folder, ".nii.gz", predictor.v1.num_input_channels)
     mine = list(cases)[args.part_id::args.num_parts]
     out_dir = Path(args.output_folder)
+    if lowres_segs is not None:  # as v1: every case's <case>.nii.gz must be there
+        missing = [c for c in cases if not (lowres_segs / f"{c}.nii.gz").is_file()]
+        if missing:
+            raise InvalidImageError(f"-l {lowres_segs}: no low-resolution segmentation for "
+                                    f"case(s) {', '.join(missing[:10])} (<case>.nii.gz)")
+    elif predictor.v1.is_cascade:  # v1 predicts the 3d_lowres stage first, into here
+        lowres_segs = out_dir / "3d_lowres_predictions"
+        _v1_lowres_stage(predictor, cases, lowres_segs, args.overwrite_existing)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("plans.pkl", "postprocessing.json"):  # the copies v1 writes
         if (folder / name).is_file():
@@ -380,7 +413,8 @@ def _v1(args: argparse.Namespace) -> int:
 
     for case in mine:
         volume = _load_case(cases[case])
-        pred = predictor.predict(volume)
+        prev = io.load(lowres_segs / f"{case}.nii.gz") if lowres_segs is not None else None
+        pred = predictor.predict(volume, previous_stage=prev)
         io.save(pred.label, out_dir / f"{case}.nii.gz")
         if args.save_npz and pred.probabilities is not None:
             soft = np.ascontiguousarray(pred.probabilities.array.transpose(0, 3, 2, 1),
@@ -390,6 +424,28 @@ def _v1(args: argparse.Namespace) -> int:
                     np.savez_compressed(fh, softmax=soft)
         log.info("%s: %s", case, out_dir / f"{case}.nii.gz")
     return 0
+
+
+def _v1_lowres_stage(predictor: Any, cases: dict[str, list[Path]], out_dir: Path,
+                     overwrite: bool) -> None:
+    """``nnUNet_predict -m 3d_cascade_fullres`` without ``-l``: the ``3d_lowres`` model
+    predicts every case into ``<output>/3d_lowres_predictions/<case>.nii.gz`` first (with
+    copies of its ``plans.pkl`` / ``postprocessing.json``), existing files kept unless
+    ``--overwrite_existing``, as v1's ``predict_simple`` does."""
+    import shutil
+
+    from medinfer import io
+    from medinfer._atomic import atomic_path
+
+    low = predictor.lowres_predictor()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("plans.pkl", "postprocessing.json"):
+        if (low.v1.path / name).is_file():
+            with atomic_path(out_dir / name) as tmp:
+                shutil.copyfile(low.v1.path / name, tmp)
+    for case, files in cases.items():
+        if overwrite or not (out_dir / f"{case}.nii.gz").is_file():
+            io.save(low.predict(_load_case(files)).label, out_dir / f"{case}.nii.gz")
 
 
 def _detect(argv: Sequence[str]) -> str:

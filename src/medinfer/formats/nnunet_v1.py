@@ -33,14 +33,27 @@ What ``nnUNet_predict`` (nnU-Net 1.7.1, ``nnunet/inference/predict.py``) does wi
    largest connected component of the listed classes); a fold's own
    ``fold_N/postprocessing.json`` is ignored, as v1's predictor ignores it.
 
-Not done (:class:`~medinfer.errors.ModelError`): 2-D and cascade configurations,
-region-based trainers.
+2-D models (``-m 2d``, 2-D ``plans.pkl``): the 2-D ``Generic_UNet``, ``PreprocessorFor2D``
+(slice axis = model axis 0 keeps its spacing, :func:`v1_target_spacing`), a 2-D sliding
+window per slice with mirroring over ``(0, 1)`` (:mod:`medinfer.formats.nnunet_2d`), the
+same export.
+
+Cascades: ``3d_lowres`` is stage 0 of a two-stage ``plans.pkl``; the
+``3d_cascade_fullres`` model (``nnUNetTrainerV2CascadeFullRes``) also takes the one-hot
+``3d_lowres`` map, which it predicts itself unless given, built as v1's ``predict_cases``
+builds it (:func:`medinfer.formats.nnunet_cascade.v1_previous_stage_channels`).
+
+Region-based trainers (:data:`medinfer.models.nnunet_v1.V1_REGION_TRAINERS`, e.g.
+``nnUNetTrainerV2BraTSRegions``): sigmoid outputs averaged over mirrors and folds, exported
+as ``save_segmentation_nifti_from_softmax`` with ``region_class_order`` (probabilities
+resampled, each region's label painted where > 0.5, in ``regions_class_order``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,7 +64,6 @@ from medinfer.formats.nnunet import (
     NnUNetPredictor,
     _do_separate_z,
     _nearest_index,
-    _resize,
     export_axis_plans,
     gaussian_impulse,
     model_input,
@@ -71,7 +83,7 @@ if TYPE_CHECKING:
     from medinfer.prediction import Prediction
     from medinfer.volume import Volume
 
-__all__ = ["NnUNetV1Predictor", "get_gaussian_v1", "preprocess_v1"]
+__all__ = ["NnUNetV1Predictor", "get_gaussian_v1", "preprocess_v1", "v1_target_spacing"]
 
 
 def get_gaussian_v1(patch: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
@@ -86,6 +98,19 @@ def get_gaussian_v1(patch: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch
     return torch.from_numpy(g)
 
 
+def _resize_mask(m: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """batchgenerators' ``resize_segmentation`` (order 1) of a 0/-1 mask (``m`` float64,
+    1 = inside): each label's indicator resized (skimage ``resize``, order 1, edge, clipped),
+    the larger score wins, an exact tie goes to the nearest-neighbour label (order-0
+    resize), as ``_resample_seg_by_argmax`` with ``seg_tiebreak='nearest'`` (batchgenerators
+    0.25.5, installed beside nnU-Net v1 today; older releases gave ties to the inside):
+    :func:`medinfer.formats.nnunet_cascade.resize_segmentation` of the 0 / -1 map."""
+    from medinfer.formats.nnunet_cascade import resize_segmentation
+
+    seg = np.where(m > 0.5, 0, -1).astype(np.int8)
+    return np.asarray(resize_segmentation(seg, shape, 1) == 0)
+
+
 def _resample_mask(mask: np.ndarray, new_shape: Sequence[int], do_sep: bool,
                    axis: int | None) -> np.ndarray:
     """v1's ``resize_segmentation`` (order 1) of the 0/-1 test-case mask; True = inside."""
@@ -95,17 +120,13 @@ def _resample_mask(mask: np.ndarray, new_shape: Sequence[int], do_sep: bool,
         return mask
     m = mask.astype(np.float64)
     if not do_sep or axis is None:
-        return _resize(m, [int(v) for v in new], 1) >= 0.5
+        return _resize_mask(m, [int(v) for v in new])
     inplane = [int(v) for i, v in enumerate(new) if i != axis]
     slices = []
     for s in range(int(shape[axis])):
         idx: list[Any] = [slice(None)] * 3
         idx[axis] = s
-        sl = m[tuple(idx)]
-        if sl.min() == sl.max():  # one label only: resize_segmentation keeps it
-            slices.append(np.full(inplane, bool(sl.flat[0] > 0.5)))
-        else:
-            slices.append(_resize(sl, inplane, 1) >= 0.5)
+        slices.append(_resize_mask(m[tuple(idx)], inplane))
     here = np.stack(slices, axis)
     if shape[axis] == new[axis]:
         return here
@@ -138,7 +159,7 @@ def preprocess_v1(volume: Volume, folder: NnUNetV1Folder) -> tuple[np.ndarray, N
         f"nnU-Net v1 model {folder.path.name!r}")
     data[np.isnan(data)] = 0
     crop_shape = data.shape[1:]
-    target = [float(v) for v in folder.stage_plans["current_spacing"]]
+    target = v1_target_spacing(folder, spacing)
     new_shape = [int(v) for v in np.round((np.array(spacing) / np.array(target)).astype(float)
                                           * np.array(crop_shape)).astype(int)]
     do_sep, axis = separate_z(None, spacing, target)
@@ -147,6 +168,32 @@ def preprocess_v1(volume: Volume, folder: NnUNetV1Folder) -> tuple[np.ndarray, N
     mask = _resample_mask(mask, new_shape, do_sep, axis)
     _normalise_v1(data, mask, folder)
     return model_input(data, perm, bbox, crop_shape, new_shape, spacing, target)
+
+
+def v1_target_spacing(folder: NnUNetV1Folder, spacing: Sequence[float]) -> list[float]:
+    """The spacing a v1 stage resamples to (mm, model axis order).
+
+    ``current_spacing`` of the stage; with v1's 2-D preprocessor (``PreprocessorFor2D``,
+    the default of 2-D plans) the slice axis (model axis 0) keeps the case's own
+    ``spacing[0]`` (``PreprocessorFor2D.resample_and_normalize``), so only the in-plane
+    axes are resampled.
+
+    Raises
+    ------
+    ModelError
+        A 2-D stage whose ``preprocessor_name`` is not ``PreprocessorFor2D`` or
+        ``GenericPreprocessor``.
+    """
+    target = [float(v) for v in folder.stage_plans["current_spacing"]]
+    if len(folder.stage_plans.get("patch_size", ())) != 2:
+        return target
+    name = folder.plans.get("preprocessor_name") or "PreprocessorFor2D"
+    if name == "PreprocessorFor2D":
+        target[0] = float(spacing[0])
+    elif name != "GenericPreprocessor":
+        raise ModelError(f"{folder.path}/plans.pkl: preprocessor {name!r} of a 2-D model is not "
+                         "supported (PreprocessorFor2D, GenericPreprocessor)")
+    return target
 
 
 def _normalise_v1(data: np.ndarray, mask: np.ndarray, folder: NnUNetV1Folder) -> None:
@@ -236,16 +283,21 @@ class NnUNetV1Predictor(NnUNetPredictor):
     checkpoint : checkpoint name without ``.model`` (``model_final_checkpoint``,
         ``model_best``).
     device : ``auto``, ``cpu`` or ``cuda``.
-    tta : mirroring over ``(0, 1, 2)`` (v1 default on).
+    tta : mirroring over ``(0, 1, 2)``, ``(0, 1)`` for 2-D models (v1 default on).
     step_size : window step / patch (default 0.5).
     save_probabilities : also return the softmax ``(K, I, J, K)`` float32 on the source
         grid (0 outside the crop, as v1's export leaves it; background 1 there).
-    batch_size, voxel_budget : see :class:`~medinfer.formats.nnunet.NnUNetPredictor`.
+    batch_size, voxel_budget : see :class:`~medinfer.formats.nnunet.NnUNetPredictor`;
+        ``voxel_budget`` None = ``2**19`` input voxels per network call with TTA (one
+        ``16 x 64 x 64`` window's 8 mirrors: peak memory 476 vs 764 MiB with ``2**21``,
+        same speed and labels, ``benchmarks/nnunet_predict.py --v1``), ``2**21`` without.
+    lowres_model_dir : cascades: the ``3d_lowres`` model folder (default: where v1 finds
+        it, :attr:`lowres_model_dir`).
 
     Raises
     ------
     ModelError
-        Unreadable or unsafe folder, weights that do not fit, 2-D plans.
+        Unreadable or unsafe folder, weights that do not fit.
     """
 
     _outputs_probabilities = True
@@ -261,7 +313,8 @@ class NnUNetV1Predictor(NnUNetPredictor):
         step_size: float = 0.5,
         save_probabilities: bool = False,
         batch_size: int | None = None,
-        voxel_budget: int = 2**21,
+        voxel_budget: int | None = None,
+        lowres_model_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         from medinfer._jsonio import read_json_object
         from medinfer.models.loaders import resolve_device
@@ -270,24 +323,84 @@ class NnUNetV1Predictor(NnUNetPredictor):
             model_dir, [str(f) for f in folds] if folds is not None else None, checkpoint)
         self.device = resolve_device(device)
         self.model = load_nnunet_v1_networks(self.v1, self.device)  # type: ignore[assignment]
-        self.mirror_axes = (0, 1, 2)
+        self.mirror_axes = (0, 1, 2) if len(self._patch_size()) == 3 else (0, 1)  # v1 2-D: (0, 1)
+        if voxel_budget is None:  # TTA: one window's 8 mirrors per call (peak memory)
+            voxel_budget = 2**19 if tta else 2**21
         self._set_run_options(tta, step_size, "float32", save_probabilities, batch_size,
                               voxel_budget)
+        self._folds = [str(f) for f in folds] if folds is not None else None
+        self._lowres_dir = Path(lowres_model_dir) if lowres_model_dir is not None else None
+        self._lowres: NnUNetV1Predictor | None = None
         self.name = self.v1.path.name
         self.version = self.v1.path.parent.name
         pp_file = self.v1.path / "postprocessing.json"
         self.postprocessing = (read_json_object(pp_file, max_bytes=1_000_000, error=ModelError)
                                if pp_file.is_file() else None)
-        if self.v1.plans.get("regions_class_order") is not None:
-            raise ModelError(f"{self.v1.path}: region-based nnU-Net v1 models are not supported")
 
     @property
     def v1(self) -> NnUNetV1Folder:
         """The parsed v1 folder."""
         return self.folder  # type: ignore[return-value]
 
+    def _set_previous_stage(self, volume: Volume,
+                            previous_stage: Volume | np.ndarray | None) -> None:
+        from medinfer.formats.nnunet_cascade import check_previous_stage
+
+        if not self.v1.is_cascade:
+            if previous_stage is not None:
+                raise ModelError(f"{self.v1.path}: previous_stage given, but "
+                                 f"{self.v1.trainer_name} is not a cascade model")
+            self._previous_labels = None
+            return
+        if previous_stage is None:
+            previous_stage = self.lowres_predictor().predict(volume).label
+        arr = previous_stage if isinstance(previous_stage, np.ndarray) else previous_stage.array
+        self._previous_labels = check_previous_stage(arr, volume.spatial_shape,
+                                                     "previous_stage")
+
     def _preprocess(self, volume: Volume) -> tuple[np.ndarray, NnUNetGrid]:
-        return preprocess_v1(volume, self.v1)
+        data, grid = preprocess_v1(volume, self.v1)
+        if self._previous_labels is not None:  # cascade: + one-hot previous stage
+            from medinfer.formats.nnunet_cascade import v1_previous_stage_channels
+
+            extra = v1_previous_stage_channels(self._previous_labels, grid,
+                                               self.v1.num_classes)
+            data = np.concatenate([data, extra])
+        return data, grid
+
+    @property
+    def lowres_model_dir(self) -> Path:
+        """The ``3d_lowres`` model folder of a cascade: the folder given, else where v1
+        looks for it, ``<RESULTS_FOLDER>/nnUNet/3d_lowres/<Task>/<previous trainer>__<Plans>``
+        (next to this ``3d_cascade_fullres`` folder)."""
+        if self._lowres_dir is not None:
+            return self._lowres_dir
+        p = Path(self.v1.path)
+        plans_id = p.name.split("__")[-1]
+        trainer = self.v1.previous_trainer
+        return p.parents[2] / "3d_lowres" / p.parent.name / f"{trainer}__{plans_id}"
+
+    def lowres_predictor(self) -> NnUNetV1Predictor:
+        """The ``3d_lowres`` predictor of a cascade (made on first use), run as
+        ``nnUNet_predict -m 3d_cascade_fullres`` without ``-l`` runs it: the same folds,
+        TTA and step size, checkpoint ``model_final_checkpoint``.
+
+        Raises
+        ------
+        ModelError
+            Not a cascade; the low-resolution model folder is missing or unreadable.
+        """
+        if not self.v1.is_cascade:
+            raise ModelError(f"{self.v1.path}: not the full-resolution stage of a cascade")
+        if self._lowres is None:
+            d = self.lowres_model_dir
+            if not d.is_dir():
+                raise ModelError(f"{self.v1.path}: cascade needs the 3d_lowres model folder {d} "
+                                 "(not found; give the low-resolution segmentations instead)")
+            self._lowres = NnUNetV1Predictor(
+                d, folds=self._folds, device=str(self.device), tta=self.tta,
+                step_size=self.step_size, batch_size=self.batch_size)
+        return self._lowres
 
     def _patch_size(self) -> tuple[int, ...]:
         return tuple(int(p) for p in self.v1.stage_plans["patch_size"])
@@ -302,7 +415,8 @@ class NnUNetV1Predictor(NnUNetPredictor):
         return self.v1.label_names
 
     def _regions(self) -> list[int] | None:
-        return None
+        rco = self.v1.regions_class_order
+        return list(rco) if rco is not None else None
 
     def _export_plans(self, grid: NnUNetGrid) -> list[Any]:
         kw = dict(self.v1.plans.get("segmentation_export_params") or {})
@@ -320,14 +434,32 @@ class NnUNetV1Predictor(NnUNetPredictor):
             axis = tf.index(axis)
         return export_axis_plans(grid, order, order_z, do_sep, axis)
 
-    def predict(self, volume: Volume, progress: Any = None) -> Prediction:
+    def predict(self, volume: Volume, progress: Any = None, *,
+                previous_stage: Volume | np.ndarray | None = None) -> Prediction:
         """Segment ``volume`` (see :meth:`NnUNetPredictor.predict`), then apply the
-        model-level ``postprocessing.json`` when there is one."""
+        model-level ``postprocessing.json`` when there is one.
+
+        Parameters
+        ----------
+        volume, progress : see :meth:`NnUNetPredictor.predict`.
+        previous_stage : cascades only: the ``3d_lowres`` label map of this scan
+            (``(1, I, J, K)`` Volume or ``(I, J, K)`` integer array on the scan's voxel
+            grid, as ``nnUNet_predict -l`` reads it); None = predicted here with
+            :meth:`lowres_predictor` (as ``nnUNet_predict`` without ``-l``).
+
+        Raises
+        ------
+        InvalidImageError
+            ``previous_stage`` not on the scan's voxel grid or not a label map.
+        ModelError
+            Cascade without ``previous_stage`` and without its ``3d_lowres`` folder;
+            ``previous_stage`` given to a model that is not a cascade.
+        """
         import dataclasses
 
         from medinfer.prediction import LabelStatistics
 
-        pred = super().predict(volume, progress)
+        pred = super().predict(volume, progress, previous_stage=previous_stage)
         if self.postprocessing is None:
             return pred
         labels = pred.label.array[0]

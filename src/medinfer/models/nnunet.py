@@ -173,6 +173,31 @@ class NnUNetFolder:
         return len(self.label_names)
 
     @property
+    def previous_stage(self) -> str | None:
+        """``previous_stage`` of the configuration (cascades: e.g. ``3d_lowres``), else None."""
+        prev = self.configuration.get("previous_stage")
+        return str(prev) if prev else None
+
+    @property
+    def foreground_labels(self) -> list[int]:
+        """Sorted label values except background 0 and ``ignore`` (region members
+        included): nnU-Net's ``LabelManager.foreground_labels``, the one-hot channels of a
+        cascade's previous-stage input."""
+        values: set[int] = set()
+        for name, v in self.labels.items():
+            if name == "ignore":
+                continue
+            values.update(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+        return sorted(values - {0})
+
+    @property
+    def network_input_channels(self) -> int:
+        """Network input channels: the image channels, plus one per foreground label for a
+        cascade (``determine_num_input_channels``)."""
+        extra = len(self.foreground_labels) if self.previous_stage else 0
+        return self.num_input_channels + extra
+
+    @property
     def num_input_channels(self) -> int:
         """Input channels (``channel_names`` or legacy ``modality`` of dataset.json)."""
         names = self.dataset.get("channel_names", self.dataset.get("modality"))
@@ -219,7 +244,7 @@ def read_nnunet_folder(
     ------
     ModelError
         Missing / invalid files, unknown configuration, no checkpoint, a requested fold
-        missing, cascade or 2-D configurations (not supported).
+        missing, a patch size of other than 2 or 3 entries.
     ConfigError
         ``checkpoint`` not ``final`` or ``best``.
     """
@@ -235,12 +260,9 @@ def read_nnunet_folder(
         ck = load_checkpoint(ckpts[0])
         cfg_name = str(ck.get("init_args", {}).get("configuration", ""))
     config = _resolve_configuration(plans, cfg_name, p)
-    if config.get("previous_stage") or "cascade" in cfg_name:
-        raise ModelError(f"{p}: cascade configuration {cfg_name!r} is not supported yet "
-                         "(run the 3d_fullres or 3d_lowres model instead)")
-    if len(config.get("patch_size", [])) != 3:
-        raise ModelError(f"{p}: configuration {cfg_name!r} is not 3-D (patch_size "
-                         f"{config.get('patch_size')}); 2-D nnU-Net models are not supported")
+    if len(config.get("patch_size", [])) not in (2, 3):
+        raise ModelError(f"{p}: configuration {cfg_name!r} has patch_size "
+                         f"{config.get('patch_size')}; expected 2 (2-D) or 3 (3-D) entries")
     labels = dataset.get("labels")
     if not isinstance(labels, dict) or "background" not in labels:
         raise ModelError(f"{p}/dataset.json: 'labels' must map names to values, with background")
@@ -415,7 +437,8 @@ def load_nnunet_networks(folder: NnUNetFolder, device: torch.device
         if i == 0:
             ax = ck.get("inference_allowed_mirroring_axes")
             axes = tuple(int(a) for a in ax) if ax is not None else ()
-        net = build_network(folder.configuration, folder.num_input_channels, folder.num_heads)
+        net = build_network(folder.configuration, folder.network_input_channels,
+                            folder.num_heads)
         try:
             net.load_state_dict(ck["network_weights"], strict=True)
         except RuntimeError as exc:

@@ -99,17 +99,92 @@ class NnUNetV1Folder:
 
     @property
     def num_input_channels(self) -> int:
-        """``num_modalities`` of the plans."""
+        """``num_modalities`` of the plans (image channels of a case)."""
         return int(self.plans["num_modalities"])
+
+    @property
+    def trainer_name(self) -> str:
+        """Trainer class (``name`` of the ``.model.pkl``, else the folder name's first part)."""
+        name = self.trainer_info.get("name")
+        return str(name) if isinstance(name, str) else self.path.name.split("__")[0]
+
+    @property
+    def is_cascade(self) -> bool:
+        """True for the full-resolution stage of a cascade (``nnUNetTrainerV2CascadeFullRes``
+        and other ``*CascadeFullRes`` trainers, or a ``3d_cascade_fullres`` model folder):
+        the network also takes the one-hot previous-stage segmentation."""
+        return "CascadeFullRes" in self.trainer_name or \
+            self.path.parent.parent.name == "3d_cascade_fullres"
+
+    @property
+    def previous_trainer(self) -> str:
+        """Trainer of the ``3d_lowres`` stage a cascade was trained on (``previous_trainer``
+        of the trainer's ``init`` args, default ``nnUNetTrainerV2``)."""
+        init = self.trainer_info.get("init")
+        if isinstance(init, (tuple, list)) and len(init) > 8 and isinstance(init[8], str):
+            return init[8]
+        return "nnUNetTrainerV2"
+
+    @property
+    def regions(self) -> tuple[tuple[int, ...], ...] | None:
+        """Regions of a region-based trainer (v1 defines them in the trainer class:
+        :data:`V1_REGION_TRAINERS`), else None."""
+        hit = _v1_regions(self.trainer_name)
+        return hit[0] if hit is not None else None
+
+    @property
+    def regions_class_order(self) -> tuple[int, ...] | None:
+        """Label painted for each region output, in order (v1's ``regions_class_order``)."""
+        hit = _v1_regions(self.trainer_name)
+        return hit[1] if hit is not None else None
+
+    @property
+    def network_input_channels(self) -> int:
+        """Network input channels: modalities, plus ``num_classes`` one-hot channels of the
+        previous stage for a cascade (``nnUNetTrainerV2CascadeFullRes.process_plans``)."""
+        extra = int(self.plans["num_classes"]) if self.is_cascade else 0
+        return self.num_input_channels + extra
+
+    @property
+    def num_heads(self) -> int:
+        """Network output channels: one per region for region-based trainers, else
+        :attr:`num_classes`."""
+        regions = self.regions
+        return len(regions) if regions is not None else self.num_classes
 
     @property
     def label_names(self) -> dict[int, str]:
         """Label value -> name (``all_classes`` of the plans; names when the
-        ``dataset.json`` of the task is not at hand are ``label_<v>``)."""
+        ``dataset.json`` of the task is not at hand are ``label_<v>``; region-based
+        models: the values of ``regions_class_order``)."""
         out = {0: "background"}
-        for v in range(1, self.num_classes):
-            out[v] = f"label_{v}"
+        rco = self.regions_class_order
+        for v in (sorted(set(rco)) if rco is not None else range(1, self.num_classes)):
+            out[int(v)] = f"label_{v}"
         return out
+
+
+_BRATS_REGIONS = (((1, 2, 3), (2, 3), (3,)), (1, 2, 3))
+
+#: Region-based nnU-Net v1 trainers (v1 sets ``regions`` and ``regions_class_order`` in the
+#: trainer class, not in the plans): class name -> (regions, regions_class_order). Source:
+#: ``nnunet/training/network_training/competitions_with_custom_Trainers/BraTS2020/``
+#: (``get_brats_regions``: whole tumour 1+2+3, tumour core 2+3, enhancing tumour 3; sigmoid
+#: outputs). ``nnUNetTrainerV2BraTSRegions_BN`` is not region-based (it subclasses
+#: ``nnUNetTrainerV2``). The ``_BN`` variants use batch norm, which the re-implemented
+#: network does not have: their weights do not load (``ModelError``).
+V1_REGION_TRAINERS: dict[str, tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]] = {
+    name: _BRATS_REGIONS for name in (
+        "nnUNetTrainerV2BraTSRegions", "nnUNetTrainerV2BraTSRegions_Dice",
+        "nnUNetTrainerV2BraTSRegions_DDP", "nnUNetTrainerV2BraTSRegions_DA3",
+        "nnUNetTrainerV2BraTSRegions_DA3_BD", "nnUNetTrainerV2BraTSRegions_DA3_BN",
+        "nnUNetTrainerV2BraTSRegions_DA3_BN_BD", "nnUNetTrainerV2BraTSRegions_DA4_BN",
+        "nnUNetTrainerV2BraTSRegions_DA4_BN_BD")
+}
+
+
+def _v1_regions(trainer: str) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]] | None:
+    return V1_REGION_TRAINERS.get(trainer)
 
 
 def read_nnunet_v1_folder(path: str | os.PathLike[str], folds: list[str] | None = None,
@@ -142,13 +217,17 @@ def read_nnunet_v1_folder(path: str | os.PathLike[str], folds: list[str] | None 
 
 
 # ======================================================================== network
-def _triple(v: Any) -> tuple[int, int, int]:
-    a, b, c = (int(x) for x in v)
-    return (a, b, c)
+def _triple(v: Any) -> tuple[int, ...]:
+    """Kernel / stride entries as an int tuple (3 entries in 3-D, 2 in 2-D)."""
+    return tuple(int(x) for x in v)
 
 
 class GenericUNetV1:
-    """Factory of nnU-Net v1's ``Generic_UNet`` (nnUNetTrainerV2 settings), 3-D.
+    """Factory of nnU-Net v1's ``Generic_UNet`` (nnUNetTrainerV2 settings), 3-D or 2-D.
+
+    The dimensionality follows the kernels (3 entries: ``Conv3d``, ``InstanceNorm3d``,
+    ``ConvTranspose3d``, at most 320 features; 2 entries: ``Conv2d``, ``InstanceNorm2d``,
+    ``ConvTranspose2d``, at most 480 features, as ``Generic_UNet.MAX_FILTERS_2D``).
 
     ``GenericUNetV1.build(in_channels, base_features, num_classes, pool_kernels,
     conv_kernels, conv_per_stage)`` returns a ``torch.nn.Module`` whose ``forward`` gives
@@ -158,6 +237,7 @@ class GenericUNetV1:
     """
 
     MAX_FEATURES_3D = 320
+    MAX_FEATURES_2D = 480
 
     @staticmethod
     def build(in_channels: int, base_features: int, num_classes: int,
@@ -166,13 +246,24 @@ class GenericUNetV1:
         import torch
         from torch import nn
 
+        nd = len(conv_kernels[0]) if conv_kernels else 3
+        if nd not in (2, 3) or any(len(k) != nd for k in [*pool_kernels, *conv_kernels]):
+            raise ModelError(f"plans.pkl: kernel sizes {conv_kernels} / pooling {pool_kernels} "
+                             "must all have 2 (2-D) or all 3 (3-D) entries")
+        conv_op: Any = nn.Conv3d if nd == 3 else nn.Conv2d
+        norm_op: Any = nn.InstanceNorm3d if nd == 3 else nn.InstanceNorm2d
+        tconv_op: Any = nn.ConvTranspose3d if nd == 3 else nn.ConvTranspose2d
+        max_features = (GenericUNetV1.MAX_FEATURES_3D if nd == 3
+                        else GenericUNetV1.MAX_FEATURES_2D)
+        ones = [1] * nd
+
         class _Block(nn.Module):  # ConvDropoutNormNonlin
             def __init__(self, cin: int, cout: int, kernel: Any, stride: Any) -> None:
                 super().__init__()
                 k = _triple(kernel)
                 pad = _triple([1 if v == 3 else 0 for v in k])
-                self.conv = nn.Conv3d(cin, cout, k, _triple(stride), pad, 1, bias=True)
-                self.instnorm = nn.InstanceNorm3d(cout, eps=1e-5, affine=True)
+                self.conv = conv_op(cin, cout, k, _triple(stride), pad, 1, bias=True)
+                self.instnorm = norm_op(cout, eps=1e-5, affine=True)
                 self.lrelu = nn.LeakyReLU(1e-2, inplace=True)
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,8 +274,8 @@ class GenericUNetV1:
                 super().__init__()
                 self.output_channels = cout
                 self.blocks = nn.Sequential(
-                    _Block(cin, cout, kernel, first or [1, 1, 1]),
-                    *[_Block(cout, cout, kernel, [1, 1, 1]) for _ in range(n - 1)])
+                    _Block(cin, cout, kernel, first or ones),
+                    *[_Block(cout, cout, kernel, ones) for _ in range(n - 1)])
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 return self.blocks(x)
@@ -205,7 +296,7 @@ class GenericUNetV1:
                     stride = pool_kernels[d - 1] if d != 0 else None
                     context.append(stack(in_f, out_f, conv_per_stage, conv_kernels[d], stride))
                     in_f = out_f
-                    out_f = min(int(np.round(out_f * 2)), GenericUNetV1.MAX_FEATURES_3D)
+                    out_f = min(int(np.round(out_f * 2)), max_features)
                 final_f = out_f
                 context.append(nn.Sequential(
                     stack(in_f, out_f, conv_per_stage - 1, conv_kernels[num_pool],
@@ -220,7 +311,7 @@ class GenericUNetV1:
                     final_f = skip
                     loc_out.append(final_f)
                     pk = _triple(pool_kernels[-(u + 1)])
-                    tu.append(nn.ConvTranspose3d(down, skip, pk, pk, bias=False))
+                    tu.append(tconv_op(down, skip, pk, pk, bias=False))
                     loc.append(nn.Sequential(
                         stack(skip * 2, skip, conv_per_stage - 1, conv_kernels[-(u + 1)], None),
                         stack(skip, final_f, 1, conv_kernels[-(u + 1)], None)))
@@ -229,7 +320,7 @@ class GenericUNetV1:
                 self.td = nn.ModuleList()
                 self.tu = nn.ModuleList(tu)
                 self.seg_outputs = nn.ModuleList(
-                    nn.Conv3d(loc_out[u], num_classes, 1, 1, 0, 1, 1, False)
+                    conv_op(loc_out[u], num_classes, 1, 1, 0, 1, 1, False)
                     for u in range(num_pool))
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -248,12 +339,12 @@ class GenericUNetV1:
 
 
 def build_v1_network(folder: NnUNetV1Folder) -> torch.nn.Module:
-    """The nnUNetTrainerV2 network of the folder's plans (3-D configurations).
+    """The nnUNetTrainerV2 network of the folder's plans (3-D or 2-D configurations).
 
     Raises
     ------
     ModelError
-        Missing plan entries, 2-D plans (not supported).
+        Missing plan entries; kernels of mixed or other dimensionality.
     """
     st = folder.stage_plans
     try:
@@ -262,9 +353,7 @@ def build_v1_network(folder: NnUNetV1Folder) -> torch.nn.Module:
         base = int(folder.plans["base_num_features"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{folder.path}/plans.pkl: missing or invalid entry ({exc})") from None
-    if any(len(k) != 3 for k in pools + convs):
-        raise ModelError(f"{folder.path}/plans.pkl: 2-D nnU-Net v1 plans are not supported")
-    return GenericUNetV1.build(folder.num_input_channels, base, folder.num_classes, pools,
+    return GenericUNetV1.build(folder.network_input_channels, base, folder.num_heads, pools,
                                convs, int(folder.plans.get("conv_per_stage", 2)))
 
 
@@ -290,16 +379,21 @@ def load_v1_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 class NnUNetV1Ensemble:
     """The folds' v1 networks behind one callable: ``(N, C, *patch) -> (N, K, *patch)``
-    float32, the **mean of the softmax** over folds (nnU-Net v1 averages probabilities)."""
+    float32, the **mean of the softmax** over folds (nnU-Net v1 averages probabilities);
+    with ``sigmoid=True`` (region-based trainers, ``inference_apply_nonlin = Sigmoid``) the
+    mean of the sigmoid."""
 
-    def __init__(self, networks: list[torch.nn.Module], device: torch.device) -> None:
+    def __init__(self, networks: list[torch.nn.Module], device: torch.device,
+                 sigmoid: bool = False) -> None:
         self.networks = [n.to(device).eval() for n in networks]
         self.device = device
+        self.sigmoid = sigmoid
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor | None = None
         for net in self.networks:
-            y = torch_softmax(net(x).float())
+            y = net(x).float()
+            y = y.sigmoid_() if self.sigmoid else torch_softmax(y)
             out = y if out is None else out.add_(y)
         if out is None:
             raise ModelError("nnU-Net v1 ensemble without networks")
@@ -334,4 +428,4 @@ def load_nnunet_v1_networks(folder: NnUNetV1Folder, device: torch.device) -> NnU
             raise ModelError(f"{ck_path}: weights do not match the plans' nnUNetTrainerV2 network "
                              f"({first})") from None
         nets.append(net)
-    return NnUNetV1Ensemble(nets, device)
+    return NnUNetV1Ensemble(nets, device, sigmoid=folder.regions is not None)
