@@ -1,7 +1,8 @@
 """``medinfer pacs listen``: C-STORE SCP -> predict -> C-STORE of the SEG to Orthanc's DICOM port.
 
 The node is killed with SIGKILL in the middle of a series: every acknowledged instance is
-on disk after the restart, and the series is processed once.
+on disk after the restart, and the series is processed once; a re-sent instance changes
+nothing, a new slice arriving later reopens the series (a second SEG over all slices).
 """
 
 from __future__ import annotations
@@ -66,6 +67,30 @@ def _text_sr(folder: Path) -> Path:
     return path
 
 
+def _late_instance(files: list[Path], folder: Path) -> Path:
+    """One more slice of the series (new SOP Instance UID), one slice step past the last."""
+    import numpy as np
+    from pydicom.uid import generate_uid
+
+    def along_normal(d: pydicom.Dataset) -> float:
+        o = np.asarray(d.ImageOrientationPatient, float)
+        return float(np.cross(o[:3], o[3:]) @ np.asarray(d.ImagePositionPatient, float))
+
+    dss = sorted((pydicom.dcmread(f) for f in files), key=along_normal)
+    last, before = dss[-1], dss[-2]
+    step = [float(a) - float(b) for a, b in zip(last.ImagePositionPatient,
+                                                before.ImagePositionPatient, strict=True)]
+    last.ImagePositionPatient = [float(a) + d for a, d in zip(last.ImagePositionPatient, step,
+                                                              strict=True)]
+    last.InstanceNumber = max(int(d.InstanceNumber) for d in dss) + 1
+    last.SOPInstanceUID = generate_uid()
+    last.file_meta.MediaStorageSOPInstanceUID = last.SOPInstanceUID
+    folder.mkdir()
+    path = folder / "late.dcm"
+    last.save_as(path, enforce_file_format=True)
+    return path
+
+
 def _segs(orthanc: OrthancServer, study: str) -> list[dict[str, object]]:
     tags = [orthanc.tags(i) for i in orthanc.find("Instance", {"StudyInstanceUID": study})]
     return [t for t in tags if t["Modality"] == "SEG"]
@@ -101,8 +126,18 @@ def test_listen_survives_sigkill_and_forwards_one_seg(tmp_path, orthanc, seg_mod
         ref = segs[0]["ReferencedSeriesSequence"][0]  # type: ignore[index]
         assert ref["SeriesInstanceUID"] == series
         assert len(ref["ReferencedInstanceSequence"]) == len(files)
+        assert _storescu(port, files[:1]) == 0  # re-sent: reopens nothing
         time.sleep(7)  # longer than the idle timeout: the series is not processed again
         assert len(_segs(orthanc, study)) == 1
+        # a new instance of the series after it was processed: predicted again, whole
+        assert _storescu(port, [_late_instance(files, tmp_path / "late")]) == 0
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and len(_segs(orthanc, study)) < 2:
+            assert proc.poll() is None, (tmp_path / "listen2.log").read_text()[-3000:]
+            time.sleep(0.5)
+        counts = sorted(len(s["ReferencedSeriesSequence"][0]["ReferencedInstanceSequence"])  # type: ignore[index]
+                        for s in _segs(orthanc, study))
+        assert counts == [len(files), len(files) + 1], counts
         sr_series = str(pydicom.dcmread(sr).SeriesInstanceUID)
         log = (tmp_path / "listen2.log").read_text()
         assert f"series {sr_series} failed" in log and "Traceback" not in log
@@ -110,5 +145,5 @@ def test_listen_survives_sigkill_and_forwards_one_seg(tmp_path, orthanc, seg_mod
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    # every instance ever acknowledged is kept (the CT series and the SR)
-    assert len(list((tmp_path / "node" / "incoming").rglob("*.dcm"))) == len(files) + 1
+    # every instance ever acknowledged is kept (the CT series, the late slice and the SR)
+    assert len(list((tmp_path / "node" / "incoming").rglob("*.dcm"))) == len(files) + 2

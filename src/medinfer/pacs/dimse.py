@@ -5,7 +5,10 @@ Every received instance is written to ``<storage>/incoming/<series uid>/<sop uid
 C-STORE response is sent, so an acknowledged instance survives a crash (even SIGKILL).
 A series is complete when no instance arrived for ``idle_timeout_s``; it is then claimed
 once (SQLite), predicted, and the results are C-STOREd to the forward destination. After a
-restart, series that were receiving or interrupted are picked up again.
+restart, series that were receiving or interrupted are picked up again. An instance not
+received before that arrives after its series was claimed reopens the series: it is
+predicted again, whole, once idle (after the running prediction, if one is running), and
+the new results are forwarded; a re-sent instance reopens nothing.
 
 Associations are accepted only from the configured calling AE titles (and, when given,
 IP addresses). Errors of a series (non-image SOP class, mixed geometry, unreachable
@@ -17,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -178,13 +182,17 @@ class DicomListener:
             t0 = time.perf_counter()
             try:
                 out = self.storage / "results" / _safe(series)
+                if out.exists():  # a reopened series: its new results replace the old copy
+                    shutil.rmtree(out)
                 results = predict_series(Path(folder), series, self.model, out, self.options,
                                          device=self.device)
                 if self.forward is not None:
                     self._send(results)
-                self.state.finish(series, outputs=len(results))
-                log.warning("study %s series %s: %d result(s) in %.1f s", study, series,
-                            len(results), time.perf_counter() - t0)
+                final = self.state.finish(series, outputs=len(results))
+                log.warning("study %s series %s: %d result(s) in %.1f s%s", study, series,
+                            len(results), time.perf_counter() - t0,
+                            "" if final else "; new instances arrived meanwhile: it runs "
+                            "again once idle")
             except MedinferError as exc:
                 log.error("study %s series %s failed: %s", study, series, exc)
                 self.state.finish(series, error=str(exc))

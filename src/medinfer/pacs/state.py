@@ -14,7 +14,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
     series_uid TEXT PRIMARY KEY, study_uid TEXT, folder TEXT, status TEXT NOT NULL,
     received INTEGER NOT NULL DEFAULT 0, last_instance REAL, started REAL, finished REAL,
-    outputs INTEGER, error TEXT);
+    outputs INTEGER, error TEXT, stale INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL, path TEXT NOT NULL, received REAL);
 """
@@ -25,7 +25,11 @@ class NodeState:
 
     Series ``status``: ``receiving`` -> ``processing`` -> ``done`` | ``failed``. A series is
     processed once: ``claim`` moves it to ``processing`` atomically; after a crash during
-    processing it is claimed again on restart (``reset_interrupted``).
+    processing it is claimed again on restart (``reset_interrupted``). An instance of the
+    series that was not received before (a new SOP Instance UID) arriving later reopens it:
+    a ``done`` / ``failed`` series goes back to ``receiving`` (processed again, whole, once
+    idle); during ``processing`` it is marked ``stale`` and reopened when that run finishes.
+    A re-sent instance (known SOP Instance UID) reopens nothing.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -37,6 +41,9 @@ class NodeState:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(series)")}
+        if "stale" not in cols:  # a state file written before the column existed
+            self._db.execute("ALTER TABLE series ADD COLUMN stale INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         """Close the database."""
@@ -52,10 +59,13 @@ class NodeState:
 
     def add_instance(self, sop_uid: str, series_uid: str, study_uid: str, path: Path,
                      folder: Path) -> None:
-        """Record a received instance (already on disk); new series start ``receiving``."""
+        """Record a received instance (already on disk); new series start ``receiving``; a new
+        instance of a finished series reopens it (see the class doc)."""
         now = time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
+            new = self._db.execute("SELECT 1 FROM instances WHERE sop_uid=?",
+                                   (sop_uid,)).fetchone() is None
             self._db.execute("INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?)",
                              (sop_uid, series_uid, str(path), now))
             self._db.execute(
@@ -63,6 +73,11 @@ class NodeState:
                 "last_instance) VALUES (?, ?, ?, 'receiving', 1, ?) ON CONFLICT(series_uid) "
                 "DO UPDATE SET received=received+1, last_instance=excluded.last_instance",
                 (series_uid, study_uid, str(folder), now))
+            if new:
+                self._db.execute(
+                    "UPDATE series SET status=CASE WHEN status IN ('done', 'failed') "
+                    "THEN 'receiving' ELSE status END, stale=CASE WHEN status='processing' "
+                    "THEN 1 ELSE stale END WHERE series_uid=?", (series_uid,))
             self._db.execute("COMMIT")
 
     def touch(self, series_uid: str, study_uid: str, folder: str = "") -> None:
@@ -89,12 +104,20 @@ class NodeState:
                 "status='receiving'", (time.time(), series_uid))
         return cur.rowcount == 1
 
-    def finish(self, series_uid: str, *, outputs: int = 0, error: str | None = None) -> None:
-        """Mark a series ``done`` (or ``failed`` with ``error``)."""
+    def finish(self, series_uid: str, *, outputs: int = 0, error: str | None = None) -> bool:
+        """Mark a series ``done`` (or ``failed`` with ``error``); a series that received new
+        instances while it was processed goes back to ``receiving`` instead (returns False)."""
         with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute("SELECT stale FROM series WHERE series_uid=?",
+                                   (series_uid,)).fetchone()
+            stale = bool(row and row[0])
+            status = "receiving" if stale else ("failed" if error else "done")
             self._db.execute(
-                "UPDATE series SET status=?, finished=?, outputs=?, error=? WHERE series_uid=?",
-                ("failed" if error else "done", time.time(), outputs, error, series_uid))
+                "UPDATE series SET status=?, finished=?, outputs=?, error=?, stale=0 "
+                "WHERE series_uid=?", (status, time.time(), outputs, error, series_uid))
+            self._db.execute("COMMIT")
+        return not stale
 
     def reset_interrupted(self) -> int:
         """After a restart: series left ``processing`` go back to ``receiving``, and every
