@@ -63,7 +63,7 @@ from medinfer.volume import Volume
 
 __all__ = ["augmentations", "case_name", "collect_inputs", "findings_from_heatmap",
            "inference_settings", "load_calibration", "model_grid_logits", "predict_detection",
-           "run_detection_on_volume", "run_heatmap", "write_case_outputs"]
+           "run_detection_on_volume", "run_heatmap", "with_card_defaults", "write_case_outputs"]
 
 LOG = logging.getLogger(__name__)
 
@@ -76,6 +76,28 @@ def _as_config(config: DetectionConfig | dict[str, Any] | None) -> DetectionConf
     if isinstance(config, DetectionConfig):
         return config
     return DetectionConfig.from_dict(config)
+
+
+def with_card_defaults(cfg: DetectionConfig, card: Any) -> DetectionConfig:
+    """``cfg`` with the model card's post-processing defaults under the keys it left unset.
+
+    Precedence, lowest first: the section's built-in defaults; the card's
+    ``output.threshold`` as the detection ``threshold``; the card's ``post_processing``
+    (e.g. the model's own ``calibration`` file, its ``confidence`` method); the keys the
+    config file or the flags set explicitly (pydantic's ``model_fields_set``). Idempotent.
+    """
+    card_post: dict[str, Any] = dict(getattr(card, "post_processing", None) or {})
+    output = getattr(card, "output", None)
+    if output is not None and getattr(output, "threshold", None) is not None:
+        card_post.setdefault("threshold", float(output.threshold))
+    if not card_post:
+        return cfg
+    post = cfg.post_processing
+    given = post.model_dump(mode="json", include=post.model_fields_set)
+    merged = post.model_validate({**card_post, **given})
+    merged.model_fields_set.clear()  # so that a second call keeps the same precedence
+    merged.model_fields_set.update(post.model_fields_set)
+    return cfg.model_copy(update={"post_processing": merged})
 
 
 def inference_settings(card: Any, cfg: DetectionConfig) -> dict[str, Any]:
@@ -385,7 +407,7 @@ def run_detection_on_volume(volume: Volume, card: Any, model: Callable[[Any], An
         ``>= post_processing.segmentation_threshold``; ``detections`` = list of finding
         dicts exactly as in ``<case>_detections.json`` (``Finding.to_dict``); ``timings``.
     """
-    cfg = _as_config(config)
+    cfg = with_card_defaults(_as_config(config), card)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     heat = run_heatmap(volume, card, model, cfg, progress, timings)
@@ -669,11 +691,12 @@ def predict_detection(
     if isinstance(config, DetectionConfig):
         from medinfer.postprocess.detection_config import apply_overrides
 
-        cfg = DetectionConfig.from_dict(
-            apply_overrides(config.model_dump(mode="json", exclude_none=True), ov))
+        cfg = DetectionConfig.from_dict(apply_overrides(
+            config.model_dump(mode="json", exclude_none=True, exclude_unset=True), ov))
     else:
         cfg = load_detection_config(config, ov)
     card, net = open_detection_model(model, cfg, device)
+    cfg = with_card_defaults(cfg, card)
     calibration = load_calibration(cfg)
     categories = calibration.category_names
     files = collect_inputs(inputs)

@@ -7,6 +7,8 @@ context, so every blending and augmentation must reproduce ``sigmoid(input)`` ex
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -99,3 +101,74 @@ def test_run_detection_on_volume_fills_prediction() -> None:
     assert pred.heatmap is not None and pred.heatmap.same_grid(vol)
     assert int(pred.label.array.sum()) == 27
     assert pred.model_name == "pointwise" and "inference" in pred.timings
+
+
+def _card_yaml(folder: Path, post: dict | None, task: str = "detection") -> Path:
+    import yaml
+
+    data = {
+        "name": "pointwise", "version": "1", "task": task,
+        "labels": {0: {"name": "background"}, 1: {"name": "lesion"}},
+        "input": {"modality": "CT", "orientation": None, "spacing": None,
+                  "normalization": {"method": "none"}},
+        "inference": {"patch_size": [8, 8, 8], "overlap": 0.5},
+        "output": {"activation": "sigmoid", "threshold": 0.4},
+        "weights": {"format": "torchscript", "file": "unused.pt"},
+    }
+    if post is not None:
+        data["post_processing"] = post
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.yaml").write_text(yaml.safe_dump(data))
+    return folder / "model.yaml"
+
+
+def test_card_post_processing_defaults_and_calibration_beside_the_card(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The card's ``post_processing`` are defaults (config keys win), its relative calibration
+    path is relative to the model folder whatever the working directory."""
+    from medinfer.detection import with_card_defaults
+    from medinfer.postprocess.calibration import Calibration
+
+    (tmp_path / "m").mkdir()
+    Calibration(method="platt", a=-10.0, b=5.0).save(tmp_path / "m" / "cal.json")
+    card = ModelCard.from_yaml(_card_yaml(tmp_path / "m", {
+        "calibration": "cal.json", "min_distance_mm": 2.0, "volume_method": "binary"}))
+    assert card.post_processing["calibration"] == str((tmp_path / "m" / "cal.json").resolve())
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    vol = _volume()
+    arr = np.full(vol.spatial_shape, -8.0, np.float32)
+    arr[4:7, 3:6, 2:5] = 8.0
+    vol = vol.with_array(arr)
+    pred = run_detection_on_volume(vol, card, _pointwise, None)
+    (d,) = pred.detections
+    conf = d["confidence"]
+    assert d["triage"]["malignancy_score"] == pytest.approx(
+        1.0 / (1.0 + np.exp(-10.0 * conf + 5.0)), abs=1e-5)
+    assert d["properties"]["volume_mm3"] == pytest.approx(27 * 0.8 * 2.5 * 1.2, rel=1e-5)
+    # precedence: section defaults < card output.threshold < card post_processing < config
+    cfg = with_card_defaults(DetectionConfig(), card)
+    assert cfg.post_processing.threshold == 0.4  # the card's output.threshold
+    assert cfg.post_processing.min_distance_mm == 2.0
+    cfg = with_card_defaults(DetectionConfig.from_dict(
+        {"post_processing": {"min_distance_mm": 7.0, "calibration": None}}), card)
+    assert cfg.post_processing.min_distance_mm == 7.0 and cfg.post_processing.calibration is None
+    assert cfg.post_processing.volume_method.value == "binary"
+    assert with_card_defaults(cfg, card) == cfg  # idempotent
+    pred = run_detection_on_volume(vol, card, _pointwise, {"post_processing": {
+        "calibration": None}})
+    assert pred.detections[0]["triage"]["malignancy_score"] == pytest.approx(conf, abs=1e-5)
+
+
+@pytest.mark.parametrize("post, task, words", [
+    ({"threshold": 2.0}, "detection", "post_processing"),
+    ({"no_such_key": 1}, "detection", "no_such_key"),
+    ({"threshold": 0.3}, "segmentation", "only a task: detection"),
+])
+def test_card_post_processing_is_checked(tmp_path: Path, post: dict, task: str,
+                                         words: str) -> None:
+    from medinfer.errors import ModelError
+
+    with pytest.raises(ModelError, match=words):
+        ModelCard.from_yaml(_card_yaml(tmp_path, post, task))

@@ -143,6 +143,10 @@ def test_sync_predict_json_and_binary(http: httpx.Client, scan: Path, predicted:
     np.testing.assert_allclose(label.affine, src.affine, atol=1e-4)
     arr = np.asarray(label.dataobj)
     assert arr.dtype == np.uint8 and set(np.unique(arr)) <= {0, 1, 2, 3}
+    # a label map viewers recognise, with the source's xform codes (as the CLI writes it)
+    assert label.header.get_intent()[0] == "label"
+    assert [int(label.header[k]) for k in ("qform_code", "sform_code")] == [
+        int(src.header[k]) for k in ("qform_code", "sform_code")]
     # the binary label map and the JSON summary describe the same segmentation
     for lab in predicted["labels"]:
         assert int((arr == lab["value"]).sum()) == lab["voxels"]
@@ -184,6 +188,7 @@ def test_job_lifecycle_with_config_files_and_metrics(http: httpx.Client, scan: P
     assert lab.status_code == 200
     label = _label_from_bytes(lab.content, tmp_path, "job_label.nii.gz")
     assert label.shape == nib.load(str(scan)).shape
+    assert label.header.get_intent()[0] == "label"
     probs = _label_from_bytes(
         http.get(f"/api/v1/inference/{job_id}/files/probabilities.nii.gz").content,
         tmp_path, "p.nii.gz")

@@ -34,6 +34,8 @@ def test_detection_model_summary_has_detections_and_heatmap(tmp_path: Path) -> N
 
     engine = ModelEngine("demo-nodules", "cpu")
     assert engine.card_json["task"] == "detection"
+    # the card's calibration is a server-side file: named relative to the model folder
+    assert engine.card_json["post_processing"]["calibration"] == "calibration.json"
     steps: list[float] = []
     pred = engine.predict(load(tmp_path / "ct.nii.gz"),
                           parse_job_config(b"threshold: 0.3\n"),
@@ -54,6 +56,13 @@ def test_detection_model_summary_has_detections_and_heatmap(tmp_path: Path) -> N
     near = min(np.linalg.norm(np.array(d["coordinates"]) - (aff @ [32, 30, 24, 1])[:3])
                for d in pred.detections)
     assert near < 3.0
+    # the card's calibration applies: scores are the isotonic map of the confidence
+    from medinfer.postprocess.calibration import Calibration
+
+    cal = Calibration.load(engine.model_dir / "calibration.json")
+    for d in pred.detections:
+        assert d["triage"]["malignancy_score"] == pytest.approx(
+            float(cal.score([d["confidence"]])[0]), abs=1e-4)
 
 
 def test_detection_job_config_is_limited_to_safe_sections() -> None:

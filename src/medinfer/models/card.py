@@ -335,6 +335,10 @@ class ModelCard(_Strict):
     serving : free mapping describing the service (app, port, endpoint), shown as is.
     training : free mapping of training settings (``early_stopping: {patience: N}`` ...);
         see :attr:`early_stopping_patience`.
+    post_processing : ``task: detection`` only: the model's defaults for the detection
+        config's ``post_processing`` section (same keys and checks, ``docs/detection.md``);
+        a run's config and flags override them key by key. A relative ``calibration`` path
+        is relative to the ``model.yaml``'s folder (made absolute by :meth:`from_yaml`).
     """
 
     name: str = Field(min_length=1, max_length=100)
@@ -352,6 +356,29 @@ class ModelCard(_Strict):
     maintainers: list[Any] = Field(default_factory=list)
     serving: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
+    post_processing: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("post_processing")
+    @classmethod
+    def _post_processing(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not value:
+            return value
+        # the detection config's own section validates the keys (imported here: that
+        # module imports this one)
+        from medinfer.postprocess.detection_config import PostProcessingSection
+
+        try:
+            section = PostProcessingSection.model_validate(value)
+        except ValidationError as exc:
+            raise ValueError(_format_errors(exc)) from None
+        return section.model_dump(mode="json", include=set(value))
+
+    @model_validator(mode="after")
+    def _post_processing_task(self) -> ModelCard:
+        if self.post_processing and self.task is not Task.DETECTION:
+            raise ValueError("post_processing: only a task: detection model has a "
+                             "post-processing section (heat map -> findings)")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -462,6 +489,12 @@ class ModelCard(_Strict):
             data = yaml.safe_load(p.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ModelError(f"{p}: not valid YAML ({exc.__class__.__name__}: {exc})") from None
+        post = data.get("post_processing") if isinstance(data, dict) else None
+        if isinstance(post, dict) and isinstance(post.get("calibration"), str):
+            cal = Path(post["calibration"]).expanduser()
+            if not cal.is_absolute():  # the card's own files live beside it
+                data = {**data, "post_processing": {**post, "calibration":
+                                                    str((p.parent / cal).resolve())}}
         return cls.from_dict(data, source=str(p))
 
 

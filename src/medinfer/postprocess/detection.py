@@ -12,9 +12,11 @@ Pipeline (:func:`detect_findings`)
 2. **Component** around each peak: the 26-connected component of
    ``heat >= segmentation_threshold`` that contains the peak (connected-components-3d).
 3. **Properties** (:func:`finding_properties`): volume, equivalent-sphere diameter, centre,
-   HU statistics, sphericity, confidence. With ``refine: centroid`` only the highest peak of
-   each component is measured (the others would give the identical sphere and be removed
-   by NMS anyway). At most ``max(10 * max_detections, 1000)`` peaks are considered.
+   HU statistics, sphericity, confidence (``post_processing.confidence``: mean heat over
+   the component, default, or the heat at the peak). With ``refine: centroid`` only the
+   highest peak of each component is measured (the others would give the identical
+   sphere and be removed by NMS anyway). At most ``max(10 * max_detections, 1000)``
+   peaks are considered.
 4. **NMS** (:func:`nms`) by IoU of the finding spheres (or cubes) in world space.
 5. **Filters**: diameter in ``[min_diameter_mm, max_diameter_mm]``, confidence
    ``>= min_confidence``, at most ``max_detections`` (highest confidence first).
@@ -33,6 +35,7 @@ from scipy import ndimage
 
 from medinfer.errors import ConfigError, GeometryError, parse_enum
 from medinfer.postprocess.detection_config import (
+    ConfidenceMethod,
     NmsShape,
     PeakMethod,
     PostProcessingSection,
@@ -56,7 +59,8 @@ class Finding:
     center_ras : (3,) float, RAS+ mm of the centre.
     diameter_mm : equivalent-sphere diameter ``(6 V / pi)^(1/3)``, mm.
     volume_mm3 : volume, mm^3.
-    confidence : heat-map value at the peak, in [0, 1].
+    confidence : in [0, 1]: the mean heat over the finding's component (default) or the
+        heat-map value at the peak (``post_processing.confidence``).
     mean_intensity, std_intensity : image statistics over the component (HU for CT), or
         None without an image.
     sphericity : ``pi^(1/3) (6 V)^(2/3) / A`` in (0, 1], see :func:`sphericity`.
@@ -260,6 +264,7 @@ def finding_properties(
     refine: Refine | str = Refine.CENTROID,
     soft_margin: int = 2,
     boxes: list[tuple[slice, ...] | None] | None = None,
+    confidence_method: ConfidenceMethod | str = ConfidenceMethod.PEAK,
 ) -> Finding:
     """Properties of the finding at ``peak``.
 
@@ -281,6 +286,13 @@ def finding_properties(
     refine : ``centroid`` — heat-weighted centroid over the same voxels as the volume;
         ``peak`` — the peak voxel.
     boxes : ``scipy.ndimage.find_objects(labels)`` if already computed.
+    confidence_method : ``peak`` — the finding's confidence is ``confidence`` (the heat at
+        the peak); ``mean`` — the mean heat over the component (the peak voxel alone if
+        the peak is below the segmentation threshold). The peak of a heat map trained on
+        the lesion occupancy fraction saturates at 1 for every lesion larger than a few
+        voxels, so it cannot rank findings; the component mean stays below 1 and grows
+        with how clearly the whole finding stands out (higher for large, sharp,
+        high-contrast findings, lower for small or doubtful ones).
 
     Returns
     -------
@@ -290,6 +302,7 @@ def finding_properties(
     """
     vm = parse_enum(VolumeMethod, volume_method, "post_processing.volume_method")
     rf = parse_enum(Refine, refine, "post_processing.refine")
+    cm = parse_enum(ConfidenceMethod, confidence_method, "post_processing.confidence")
     vox_vol = voxel_volume_mm3(affine)
     lab = int(labels[peak])
     shape = heat.shape
@@ -340,6 +353,8 @@ def finding_properties(
         mean_i, std_i = float(vals.mean()), float(vals.std())
     area = surface_area_mm2(comp, aff)
     sph = sphericity(float(np.count_nonzero(comp)) * vox_vol, area)
+    if cm is ConfidenceMethod.MEAN:
+        confidence = float(np.asarray(h, dtype=np.float64)[comp].mean())
     return Finding(
         peak_voxel=np.array(peak, dtype=int),
         center_voxel=center_vox,
@@ -448,7 +463,7 @@ def detect_findings(
     boxes = ndimage.find_objects(labels) if peaks else []
     found = [
         finding_properties(heat, labels, pk, val, aff, img, volume_method=p.volume_method,
-                           refine=p.refine, boxes=boxes)
+                           refine=p.refine, boxes=boxes, confidence_method=p.confidence)
         for pk, val in peaks
     ]
     if p.nms_enabled:

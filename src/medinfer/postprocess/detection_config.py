@@ -62,6 +62,15 @@ class Refine(StrEnum):
     PEAK = "peak"
 
 
+class ConfidenceMethod(StrEnum):
+    """How a finding's confidence is read from the heat map: ``mean`` = mean heat over
+    the finding's component (voxels ``>= segmentation_threshold`` connected to the peak;
+    the peak voxel alone when it is below that threshold), ``peak`` = heat at the peak."""
+
+    MEAN = "mean"
+    PEAK = "peak"
+
+
 class BlendingChoice(StrEnum):
     """Window blending of the sliding-window inference."""
 
@@ -248,6 +257,7 @@ class PostProcessingSection(_Strict):
     segmentation_threshold: float = Field(default=0.5, gt=0.0, le=1.0)
     volume_method: VolumeMethod = VolumeMethod.SOFT
     refine: Refine = Refine.CENTROID
+    confidence: ConfidenceMethod = ConfidenceMethod.MEAN
     min_diameter_mm: float = Field(default=0.0, ge=0.0)
     max_diameter_mm: float | None = Field(default=None, gt=0.0)
     min_confidence: float = Field(default=0.0, ge=0.0, le=1.0)

@@ -372,8 +372,10 @@ def create_app(settings: ServeSettings | None = None,
                 prediction = engine.predict(volume, config)
                 if return_binary:
                     from medinfer.io import save
+                    from medinfer.serve.engine import result_volume
 
-                    out = save(prediction.label, tmp / "label.nii.gz")
+                    out = save(result_volume(prediction.label, volume, label_map=True),
+                               tmp / "label.nii.gz")
                     return out.read_bytes()
                 summary = prediction.summary()
                 summary.setdefault("timings", {})

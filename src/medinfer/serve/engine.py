@@ -170,6 +170,11 @@ class ModelEngine:
     def card_json(self) -> dict[str, Any]:
         data: dict[str, Any] = self.card.model_dump(mode="json")
         data["device"] = str(self.device)
+        cal = (data.get("post_processing") or {}).get("calibration")
+        if cal:  # a server-side path: shown relative to the model folder, never absolute
+            path, folder = Path(cal), self.model_dir.resolve()
+            data["post_processing"]["calibration"] = (
+                path.relative_to(folder).as_posix() if path.is_relative_to(folder) else path.name)
         return data
 
     def _predictor(self, threshold: float | None, save_probabilities: bool) -> Any:
@@ -204,12 +209,10 @@ class ModelEngine:
         from medinfer.detection import run_detection_on_volume
 
         det_config = safe_detection_config(config.detection)
-        threshold = config.threshold
-        if threshold is None:
-            threshold = float(self.card.output.threshold)
-        post = dict(det_config.get("post_processing") or {})
-        post.setdefault("threshold", threshold)
-        det_config["post_processing"] = post
+        if config.threshold is not None:  # else the config's, then the card's threshold
+            post = dict(det_config.get("post_processing") or {})
+            post.setdefault("threshold", float(config.threshold))
+            det_config["post_processing"] = post
         card = _override_card(self.card, threshold=config.threshold)
         overall: ProgressFn | None = None
         if progress is not None:
@@ -318,6 +321,22 @@ def label_names(card_json: Mapping[str, Any]) -> dict[int, str]:
     return {int(k): str(v.get("name", k)) for k, v in labels.items()}
 
 
+def result_volume(output: Volume, source: Volume | None, *, label_map: bool = False) -> Volume:
+    """``output`` with the NIfTI header hints of a result on ``source``'s grid.
+
+    Label maps get ``intent_code`` NIFTI_INTENT_LABEL (viewers then show them as
+    segmentations); the source's ``qform_code`` / ``sform_code`` are carried when the
+    source is known (:func:`medinfer.io.nifti.derived_from`, as the CLI writes them).
+    """
+    from medinfer.io.nifti import derived_from
+
+    if source is not None:
+        return derived_from(output, source, label_map=label_map)
+    if not label_map:
+        return output
+    return Volume(output.array, output.affine, {**output.meta, "intent": "label"})
+
+
 def write_outputs(prediction: Prediction, out_dir: Path, config: JobConfig,
                   extra: Mapping[str, Any] | None = None, *, image: Volume | None = None,
                   scan_id: str = "scan") -> tuple[dict[str, Any], list[str]]:
@@ -338,9 +357,9 @@ def write_outputs(prediction: Prediction, out_dir: Path, config: JobConfig,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     files = ["label.nii.gz"]
-    save(prediction.label, tmp / "label.nii.gz")
+    save(result_volume(prediction.label, image, label_map=True), tmp / "label.nii.gz")
     if config.save_probabilities and prediction.probabilities is not None:
-        save(prediction.probabilities, tmp / "probabilities.nii.gz")
+        save(result_volume(prediction.probabilities, image), tmp / "probabilities.nii.gz")
         files.append("probabilities.nii.gz")
     if prediction.heatmap is not None:
         save(prediction.heatmap, tmp / "heatmap.nii.gz")
