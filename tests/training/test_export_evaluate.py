@@ -10,23 +10,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from training_toy import run_cli as _cli
 from training_toy import tiny_config
 
-from medinfer.cli import main
 from medinfer.models import load_model, resolve_model
 from medinfer.models.loaders import load_onnx, load_torchscript
 from medinfer.training import train
 from medinfer.training.evaluate import evaluate_model
 from medinfer.training.export import EXPORT_ATOL
-
-
-def _cli(args: list[str]) -> int:
-    """Run ``medinfer ARGS`` in-process; the exit code (0 when main returns)."""
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def test_export_predict_evaluate(toy_data, tmp_path, capsys):

@@ -59,3 +59,14 @@ def tiny_config(images: Path, labels: Path, out: Path, **kw: object) -> dict[str
     }
     cfg.update(kw)
     return cfg
+
+
+def run_cli(args: list[str]) -> int:
+    """Run ``medinfer ARGS`` in-process; the exit code (0 when main returns)."""
+    from medinfer.cli import main
+
+    try:
+        main(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from medinfer.errors import ConfigError
 from medinfer.models.card import Network
+from medinfer.training.acquisition import AcquisitionSim
 
 
 class Loss(StrEnum):
@@ -23,6 +24,96 @@ class Loss(StrEnum):
 
     DICE_CE = "dice_ce"
     DICE_FOCAL = "dice_focal"
+
+
+class Target(StrEnum):
+    """What the network learns: a label map (softmax over classes) or a heat map (one
+    sigmoid channel, detection models such as ``demo-nodules``)."""
+
+    SEGMENTATION = "segmentation"
+    HEATMAP = "heatmap"
+
+
+class HeatmapKind(StrEnum):
+    """Heat-map target: ``mask`` = lesion occupancy fraction (a soft mask; its 0.5 level set
+    is the lesion surface and its sum times the voxel volume the lesion volume); ``gaussian``
+    = ``exp(-r^2 / (2 sigma^2))`` around each lesion centre (centre heat only)."""
+
+    MASK = "mask"
+    GAUSSIAN = "gaussian"
+
+
+class HeatmapSpec(BaseModel):
+    """``heatmap:`` section (used with ``target: heatmap``).
+
+    Attributes
+    ----------
+    kind : :class:`HeatmapKind`.
+    sigma_mm : standard deviation of the ``gaussian`` target, mm.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    kind: HeatmapKind = HeatmapKind.MASK
+    sigma_mm: float = Field(default=2.0, gt=0.0, le=50.0)
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _kind(cls, value: Any) -> Any:
+        from medinfer.errors import parse_enum
+
+        return parse_enum(HeatmapKind, value, "heatmap.kind")
+
+
+class SyntheticSource(BaseModel):
+    """``synthetic:`` section: training patches rendered on the fly with
+    :mod:`medinfer.training.nodules_synth` (synthetic lesions inserted into a host CT),
+    instead of an image/label folder (see :mod:`medinfer.training.heatmap`).
+
+    Attributes
+    ----------
+    atlas : host CT (NIfTI, HU), e.g. ``tests/data/ct/ct_head_brain_atlas_1mm.nii.gz``.
+    hard_negatives : fraction of patches centred (+-8 mm) on the host's bright structures
+        (70-400 HU: calcifications, vessels), which look like lesions.
+    small_lesions : fraction of patches whose lesions are drawn from ``small_range_mm``.
+    small_range_mm : equivalent-diameter range of those lesions, mm.
+    low_contrast : fraction of patches whose lesion densities are drawn from
+        ``low_contrast_hu`` (the faint end of the lesion model).
+    low_contrast_hu : density range of those lesions, HU.
+    max_lesions : lesions per patch are 1..max_lesions (0 with ``empty_fraction``).
+    empty_fraction : fraction of patches without lesions.
+    source_spacing_mm : spacing range of the random oblique source grid each patch is
+        rendered on before it is resampled to the model grid (as a scan is at inference).
+    rotate_fraction : fraction of patches whose model grid is randomly rotated.
+    val_patches : fixed validation patches (seeded) for the validation metric (soft Dice).
+    buffer : 0 = every step renders its whole batch; N > 0 = a replay buffer of N patches
+        of which ``fresh_per_step`` are re-rendered each step and the batch is drawn from
+        (rendering costs about 5x a training step on CPU); still seeded per step, and
+        rebuilt on resumption by re-rendering the patches of the last N /
+        ``fresh_per_step`` steps.
+    fresh_per_step : patches re-rendered per step with a buffer.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    atlas: Path
+    hard_negatives: float = Field(default=0.35, ge=0.0, le=1.0)
+    small_lesions: float = Field(default=0.3, ge=0.0, le=1.0)
+    small_range_mm: tuple[float, float] = (4.0, 12.0)
+    low_contrast: float = Field(default=0.0, ge=0.0, le=1.0)
+    low_contrast_hu: tuple[float, float] = (70.0, 90.0)
+    max_lesions: int = Field(default=4, ge=1, le=8)
+    empty_fraction: float = Field(default=0.15, ge=0.0, le=1.0)
+    source_spacing_mm: tuple[float, float] = (0.6, 2.0)
+    rotate_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    val_patches: int = Field(default=16, ge=1, le=1024)
+    buffer: int = Field(default=0, ge=0, le=100000)
+    fresh_per_step: int = Field(default=2, ge=1, le=1024)
+
+
+class ExportFormat(StrEnum):
+    """Exports written next to the state dict: TorchScript ``model.ts``, ONNX ``model.onnx``."""
+
+    TORCHSCRIPT = "torchscript"
+    ONNX = "onnx"
 
 
 class Schedule(StrEnum):
@@ -71,6 +162,33 @@ class TrainConfig(BaseModel):
     device : ``auto``, ``cpu`` or ``cuda``; on CUDA the forward pass runs in float16
         autocast with gradient scaling (mixed precision; bit-exact resumption is only
         guaranteed on CPU).
+    target : ``segmentation`` (default) or ``heatmap`` (one sigmoid output channel, loss
+        ``ce_weight`` x binary cross-entropy + ``dice_weight`` x soft Dice on soft
+        targets; :mod:`medinfer.training.heatmap`).
+    heatmap : the heat-map target (:class:`HeatmapSpec`).
+    synthetic : on-the-fly synthetic-lesion data (:class:`SyntheticSource`) instead of
+        ``images``/``labels`` (``target: heatmap`` only).
+    acquisition : simulated acquisitions of each training case (rotation, voxel size with
+        slice-profile blur, field of view, bias field, gamma, noise, scanner scale, mirror)
+        precomputed on the model grid as a bank that patches are drawn from
+        (:class:`medinfer.training.acquisition.AcquisitionSim`); None = the cases as they are.
+    time_schedule : with ``max_minutes``, the learning-rate schedule runs over whichever
+        ends first, ``max_steps`` or the wall-clock budget (the schedule position is
+        max(step / max_steps, elapsed / budget); elapsed time is checkpointed, so a resumed
+        run continues the schedule; not reproducible step for step).
+    in_channels : image channels (files ``<case>_0000``, ``<case>_0001``, ... per case);
+        None = as many as the data have.
+    export_dir : model folder written at the end (default ``out``; checkpoints and logs
+        stay in ``out``).
+    export_formats : ``torchscript`` and/or ``onnx`` written alongside the state dict
+        (checked equal to it); ``[]`` for a folder that must stay small (the bundled zoo).
+    init_weights : state dict to start from (fine-tuning); ignored when resuming.
+    card : extra ``model.yaml`` entries merged over the generated card (description,
+        inference defaults, output threshold, licence...).
+    max_minutes : wall-clock budget of one run (segmentation or heat map; the clock starts
+        after data loading): training stops (and
+        exports) after the step that exceeds it (not reproducible step for step; the
+        learning-rate schedule still runs over ``max_steps``).
     """
 
     model_config = ConfigDict(extra="forbid", use_enum_values=False)
@@ -112,6 +230,25 @@ class TrainConfig(BaseModel):
     seed: int = 0
     num_threads: int = Field(default=1, ge=1, le=256)
     device: str = "auto"
+    target: Target = Target.SEGMENTATION
+    heatmap: HeatmapSpec = Field(default_factory=HeatmapSpec)
+    synthetic: SyntheticSource | None = None
+    init_weights: Path | None = None
+    card: dict[str, Any] = Field(default_factory=dict)
+    max_minutes: float | None = Field(default=None, gt=0.0)
+    acquisition: AcquisitionSim | None = None
+    in_channels: int | None = Field(default=None, ge=1, le=64)
+    time_schedule: bool = False
+    export_dir: Path | None = None
+    export_formats: list[ExportFormat] = Field(
+        default_factory=lambda: [ExportFormat.TORCHSCRIPT, ExportFormat.ONNX])
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _target(cls, value: Any) -> Any:
+        from medinfer.errors import parse_enum
+
+        return parse_enum(Target, value, "target")
 
     @field_validator("network", mode="before")
     @classmethod
@@ -133,6 +270,16 @@ class TrainConfig(BaseModel):
         from medinfer.errors import parse_enum
 
         return parse_enum(Schedule, value, "schedule")
+
+    @field_validator("export_formats", mode="before")
+    @classmethod
+    def _export_formats(cls, value: Any) -> Any:
+        from medinfer.errors import parse_enum
+
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"expected a list of {[f.value for f in ExportFormat]}, "
+                             f"got {value!r}")
+        return [parse_enum(ExportFormat, v, "export_formats") for v in value]
 
     @field_validator("patch_size")
     @classmethod
@@ -189,9 +336,14 @@ class TrainConfig(BaseModel):
             raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: expected a mapping of settings")
-        for key in ("images", "labels", "cases", "out", "model_card"):
+        for key in ("images", "labels", "cases", "out", "model_card", "init_weights",
+                    "export_dir"):
             if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
                 data[key] = str(p.parent / data[key])
+        syn = data.get("synthetic")
+        if isinstance(syn, dict) and isinstance(syn.get("atlas"), str) \
+                and not Path(syn["atlas"]).is_absolute():
+            data["synthetic"] = {**syn, "atlas": str(p.parent / syn["atlas"])}
         data.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return cls.from_mapping(data, str(p))
 

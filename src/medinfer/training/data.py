@@ -5,7 +5,8 @@ Layouts accepted by :func:`find_pairs`:
 - nnU-Net style: ``images/<case>_0000.nii.gz`` (or ``<case>.nii.gz``) with
   ``labels/<case>.nii.gz`` (``imagesTr``/``labelsTr``);
 - pairs in one folder: ``<case>_img.nii.gz`` with ``<case>_seg.nii.gz``;
-- a CSV (``image,label[,case]`` header) or JSON list (``[{"image":..., "label":...}]``)
+- a CSV (``image,label[,case][,channels]`` header; channels = further channel files
+  separated by ``;``) or JSON list (``[{"image":..., "label":..., "channels": [...]}]``)
   whose relative paths are relative to the list file.
 
 Every pair is checked on the world grid (shape and voxel -> RAS+ affine), not on the
@@ -33,11 +34,18 @@ GRID_ATOL = 1e-3
 
 @dataclass(frozen=True)
 class CasePair:
-    """One training case: image file, label-map file, case id."""
+    """One training case: image file (channel 0), label-map file, case id, and the files
+    of further channels 1, 2, ... (nnU-Net ``<case>_0001``...; same world grid)."""
 
     case: str
     image: Path
     label: Path
+    channels: tuple[Path, ...] = ()
+
+    @property
+    def images(self) -> tuple[Path, ...]:
+        """All channel files in channel order."""
+        return (self.image, *self.channels)
 
 
 def _stem(path: Path) -> str | None:
@@ -92,15 +100,26 @@ def find_pairs(images: str | os.PathLike[str] | None = None,
     if not lab_dir.is_dir():
         raise ConfigError(f"labels: {lab_dir} is not a folder")
     labs = _listing(lab_dir)
+    by_case: dict[str, dict[int, Path]] = {}
     for stem, path in imgs.items():
-        case = re.sub(r"_0000$", "", stem)
-        if re.search(r"_\d{4}$", stem) and not stem.endswith("_0000"):
-            raise ConfigError(f"images: {path.name}: only single-channel cases (_0000) "
-                              "are supported")
+        m = re.search(r"_(\d{4})$", stem)
+        case, ch = (stem[: m.start()], int(m.group(1))) if m else (stem, 0)
+        by_case.setdefault(case, {})[ch] = path
+    for case, chans in sorted(by_case.items()):
+        path = chans[min(chans)]
+        if sorted(chans) != list(range(len(chans))):
+            raise ConfigError(f"images: case {case} has channels "
+                              f"{[f'{c:04d}' for c in sorted(chans)]}; expected _0000.."
+                              f"_{len(chans) - 1:04d} without gaps")
         if case not in labs:
             raise ConfigError(f"labels: no label map {case}.nii.gz in {lab_dir} for "
                               f"image {path.name}")
-        pairs.append(CasePair(case, path, labs[case]))
+        pairs.append(CasePair(case, path, labs[case],
+                              tuple(chans[c] for c in range(1, len(chans)))))
+    counts = {len(p.images) for p in pairs}
+    if len(counts) > 1:
+        raise ConfigError(f"images: cases in {img_dir} have different channel counts "
+                          f"{sorted(counts)}")
     extra = set(labs) - {p.case for p in pairs}
     if extra:
         raise ConfigError(f"labels: label maps without image in {img_dir}: "
@@ -135,7 +154,15 @@ def _from_list(path: Path) -> list[CasePair]:
             if not p.is_file():
                 raise ConfigError(f"cases: {path} entry {i}: {p} does not exist")
         case = str(row.get("case") or _stem(img) or img.name)
-        pairs.append(CasePair(re.sub(r"_0000$", "", case), img, lab))
+        extra = row.get("channels") or []
+        if isinstance(extra, str):  # CSV: further channel files separated by ';'
+            extra = [e for e in extra.split(";") if e]
+        chans = tuple(Path(str(e)) if Path(str(e)).is_absolute() else path.parent / str(e)
+                      for e in extra)
+        for p in chans:
+            if not p.is_file():
+                raise ConfigError(f"cases: {path} entry {i}: {p} does not exist")
+        pairs.append(CasePair(re.sub(r"_0000$", "", case), img, lab, chans))
     if not pairs:
         raise ConfigError(f"cases: {path} lists no cases")
     return pairs
@@ -197,18 +224,44 @@ class LoadedCase:
     affine: np.ndarray
 
 
-def load_case(pair: CasePair, *, orientation: str | None,
-              spacing: Any, normalization: dict[str, Any], n_classes: int) -> LoadedCase:
-    """Load, grid-check, bring to the model grid, normalise one case."""
-    from medinfer.io import load
-    from medinfer.transforms import normalize_intensity, to_model_grid
+def load_source_case(pair: CasePair) -> tuple[Any, Any]:
+    """Image ``(C, I, J, K)`` (one channel per file of ``pair.images``) and label map
+    ``(1, I, J, K)`` as :class:`~medinfer.volume.Volume` on their source grid.
 
-    img = load(pair.image)
+    Raises
+    ------
+    ConfigError
+        A channel file holding more than one channel.
+    GeometryError
+        A channel or the label map not on channel 0's world grid.
+    """
+    from medinfer.io import load
+    from medinfer.volume import Volume
+
+    vols = [load(p) for p in pair.images]
+    for i, v in enumerate(vols):
+        if v.array.shape[0] != 1:
+            raise ConfigError(f"case {pair.case}: {pair.images[i].name} holds "
+                              f"{v.array.shape[0]} channels; one file per channel "
+                              "(<case>_0000, <case>_0001, ...)")
+        if i:
+            check_same_grid(vols[0], v, f"{pair.case} (channel {i})")
+    img = vols[0] if len(vols) == 1 else Volume(
+        np.concatenate([np.asarray(v.array, dtype=np.float32) for v in vols]),
+        vols[0].affine, vols[0].meta)
     lab = load(pair.label)
     check_same_grid(img, lab, pair.case)
-    if img.array.shape[0] != 1:
-        raise ConfigError(f"case {pair.case}: {img.array.shape[0]} image channels; "
-                          "training supports single-channel images")
+    return img, lab
+
+
+def load_case(pair: CasePair, *, orientation: str | None,
+              spacing: Any, normalization: dict[str, Any], n_classes: int) -> LoadedCase:
+    """Load, grid-check, bring to the model grid, normalise one case.
+
+    The image has one channel per file of ``pair.images`` (``(C, I, J, K)``)."""
+    from medinfer.transforms import normalize_intensity, to_model_grid
+
+    img, lab = load_source_case(pair)
     if orientation is not None or spacing is not None:
         img, _ = to_model_grid(img, orientation, spacing, interpolation="linear")
         lab, _ = to_model_grid(lab, orientation, spacing, interpolation="nearest")

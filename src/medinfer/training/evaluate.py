@@ -20,7 +20,7 @@ import numpy as np
 
 from medinfer._atomic import write_text_atomic
 from medinfer.training import figures
-from medinfer.training.data import check_same_grid, find_pairs
+from medinfer.training.data import find_pairs, load_source_case
 from medinfer.training.metrics import iou_along_z, segmentation_metrics
 
 _FIELDS = ("dice", "iou", "hd95", "surface_dice")
@@ -58,7 +58,6 @@ def evaluate_model(model: str | os.PathLike[str], out: str | os.PathLike[str], *
     ConfigError, GeometryError, ModelError
     """
     from medinfer.inference import Predictor
-    from medinfer.io import load
     from medinfer.models import load_model, resolve_model
 
     out = Path(out)
@@ -73,9 +72,7 @@ def evaluate_model(model: str | os.PathLike[str], out: str | os.PathLike[str], *
     curves: dict[str, list[tuple[str, np.ndarray]]] = {names[c]: [] for c in classes}
     first: tuple[Any, ...] | None = None
     for pair in find_pairs(images, labels, cases):
-        vol = load(pair.image)
-        truth_vol = load(pair.label)
-        check_same_grid(vol, truth_vol, pair.case)
+        vol, truth_vol = load_source_case(pair)
         pred = np.asarray(predictor.predict(vol).label.array[0]).astype(np.int64)
         truth = np.rint(np.asarray(truth_vol.array[0])).astype(np.int64)
         m = segmentation_metrics(pred, truth, classes, [float(v) for v in vol.spacing],

@@ -24,7 +24,7 @@ import numpy as np
 
 from medinfer._atomic import atomic_path, write_text_atomic
 from medinfer.errors import ConfigError
-from medinfer.training.config import Loss, Schedule, TrainConfig
+from medinfer.training.config import Loss, Schedule, Target, TrainConfig
 from medinfer.training.data import (
     LoadedCase,
     find_pairs,
@@ -40,6 +40,7 @@ StepCallback = Callable[[int, float, float | None], None]
 Validator = Callable[[Any, int], float]
 
 _RESUME_KEYS = ("network", "network_kwargs", "patch_size", "seed", "loss", "lr", "batch_size",
+                "in_channels", "acquisition",
                 "schedule", "normalization", "labels_map", "num_classes")
 
 
@@ -112,7 +113,9 @@ def network_kwargs(config: TrainConfig) -> dict[str, Any]:
     """The network's constructor arguments: defaults per class, then the config's."""
     kw: dict[str, Any] = dict(_DEFAULT_KWARGS.get(config.network.value, {}))
     kw.update(config.network_kwargs)
-    kw.update({"spatial_dims": 3, "in_channels": 1, "out_channels": config.n_classes})
+    out_ch = 1 if config.target is Target.HEATMAP else config.n_classes  # one sigmoid logit
+    kw.update({"spatial_dims": 3, "in_channels": config.in_channels or 1,
+               "out_channels": out_ch})
     if config.network.value == "SwinUNETR":
         kw.pop("img_size", None)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
@@ -138,9 +141,9 @@ def _loss_fn(config: TrainConfig) -> Any:
                       lambda_ce=config.ce_weight)
 
 
-def lr_at(config: TrainConfig, step: int) -> float:
+def lr_at(config: TrainConfig, step: int, time_frac: float = 0.0) -> float:
     """Learning rate of (0-based) ``step``: cosine annealing or poly (power 0.9) to 0."""
-    frac = min(step / config.max_steps, 1.0)
+    frac = min(max(step / config.max_steps, time_frac), 1.0)
     if config.schedule is Schedule.POLY:
         return config.lr * (1.0 - frac) ** 0.9
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
@@ -216,6 +219,8 @@ class TrainResult:
     best_step: int | None
     log: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int | None = None
+    minutes: float | None = None
+    timed_out: bool = False
 
 
 def _write_logs(out: Path, rows: list[dict[str, Any]]) -> None:
@@ -236,6 +241,31 @@ def _save(obj: Any, path: Path) -> None:
         torch.save(obj, str(tmp))
 
 
+def load_init_weights(net: Any, path: Path, device: Any) -> None:
+    """Load the state dict ``path`` into ``net`` (fine-tuning start) and move it to ``device``.
+
+    Used by the segmentation and the heat-map loops when ``init_weights`` is set and no
+    checkpoint is resumed.
+
+    Raises
+    ------
+    ConfigError
+        ``path`` is not a file, or its state dict does not fit the network.
+    """
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"init_weights: {p} is not a file")
+    try:
+        net.load_state_dict(torch.load(str(p), map_location="cpu", weights_only=True))
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise ConfigError(f"init_weights: {p} does not fit the network "
+                          f"({str(exc).splitlines()[0]})") from None
+    net.to(device)
+    log.info("starting from %s", p)
+
+
 def _tensorboard(out: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -248,6 +278,10 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
           validator: Validator | None = None, callback: StepCallback | None = None,
           export: bool = True) -> TrainResult:
     """Train a segmentation network; the output folder becomes a medinfer model folder.
+
+    With ``target: heatmap`` the heat-map trainer
+    :func:`medinfer.training.heatmap.train_heatmap` runs instead (same checkpoints,
+    resumption, early stopping, logs and export; a detection model folder).
 
     Parameters
     ----------
@@ -276,6 +310,11 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_mapping(config)
     if cfg.out is None:
         raise ConfigError("out: an output folder is required")
+    if cfg.target is Target.HEATMAP:
+        from medinfer.training.heatmap import train_heatmap
+
+        return train_heatmap(cfg, resume=resume, validator=validator, callback=callback,
+                             export=export)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.num_threads)
@@ -285,6 +324,11 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
     by_id = {p.case: p for p in pairs}
     if cfg.labels_map is None and cfg.num_classes is None:
         cfg = cfg.model_copy(update={"num_classes": max(2, _max_label(pairs) + 1)})
+    if cfg.in_channels is None:
+        cfg = cfg.model_copy(update={"in_channels": len(pairs[0].images)})
+    elif cfg.in_channels != len(pairs[0].images):
+        raise ConfigError(f"in_channels: {cfg.in_channels}, but the cases have "
+                          f"{len(pairs[0].images)} channel file(s) each")
     train_ids, val_ids = split_cases(list(by_id), val_cases=cfg.val_cases, folds=cfg.folds,
                                      fold=cfg.fold, seed=cfg.seed)
     write_text_atomic(out / "split.json", json.dumps(
@@ -298,6 +342,13 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
                                     spacing=cfg.spacing, normalization=cfg.normalization,
                                     n_classes=cfg.n_classes)
         return cache[case]
+
+    t_data = time.monotonic()
+    banks: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    if cfg.acquisition is not None:  # simulated acquisitions, seeded per (seed, case, item)
+        banks = {c: _bank(by_id[c], cfg, train_ids.index(c)) for c in train_ids}
+        log.info("acquisition banks of %d case(s) built in %.1f s", len(banks),
+                 time.monotonic() - t_data)
 
     from medinfer.models.loaders import resolve_device
 
@@ -314,6 +365,7 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
     best_metric: float | None = None
     best_step: int | None = None
     resumed_from = None
+    elapsed_before = 0.0
     core = {k: cfg.to_yaml_dict()[k] for k in _RESUME_KEYS}
     last = ckpt_dir / "last.pt"
     if resume and last.is_file():
@@ -330,8 +382,11 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
         start = int(state["step"])
         best_metric = state["best_metric"]
         best_step = state["best_step"]
+        elapsed_before = float(state.get("elapsed_s", 0.0))
         resumed_from = start
         log.info("resuming %s at step %d", out, start)
+    elif cfg.init_weights is not None:
+        load_init_weights(net, cfg.init_weights, device)
     if state_done := (rows and rows[-1].get("stop")):
         log.info("run in %s already finished (early stopping at step %d)", out, start)
     tb = _tensorboard(out)
@@ -340,20 +395,31 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
     step = start
     net.train()
     t0 = time.monotonic()
-    while step < cfg.max_steps and not stopped:
+    timed_out = False
+    while step < cfg.max_steps and not stopped and not timed_out:
         rng = np.random.default_rng([cfg.seed, step])
         xforms.set_random_state(seed=int(rng.integers(2**31)))
         torch.manual_seed(int(rng.integers(2**31)))
         imgs, labs = [], []
         for _ in range(cfg.batch_size):
-            c = get(train_ids[int(rng.integers(len(train_ids)))])
-            sample = xforms({"image": c.image, "label": c.label.astype(np.float32)})
+            case_id = train_ids[int(rng.integers(len(train_ids)))]
+            if banks:
+                bank = banks[case_id]
+                b_img, b_lab = bank[int(rng.integers(len(bank)))]
+                data = {"image": b_img.astype(np.float32), "label": b_lab.astype(np.float32)}
+            else:
+                c = get(case_id)
+                data = {"image": c.image, "label": c.label.astype(np.float32)}
+            sample = xforms(data)
             sample = sample[0] if isinstance(sample, list) else sample
             imgs.append(torch.as_tensor(np.asarray(sample["image"])))
             labs.append(torch.as_tensor(np.asarray(sample["label"])).round())
         x = torch.stack(imgs).float().to(device)
         y = torch.stack(labs).long().to(device)
-        lr = lr_at(cfg, step)
+        time_frac = 0.0
+        if cfg.time_schedule and cfg.max_minutes is not None:
+            time_frac = (elapsed_before + time.monotonic() - t0) / (60.0 * cfg.max_minutes)
+        lr = lr_at(cfg, step, time_frac)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -365,7 +431,11 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
         step += 1
         row: dict[str, Any] = {"step": step, "loss": float(loss.detach()), "lr": lr,
                                "val_metric": None}
-        if step % cfg.val_every == 0 or step == cfg.max_steps:
+        elapsed = elapsed_before + time.monotonic() - t0
+        if cfg.max_minutes is not None and elapsed > 60.0 * cfg.max_minutes:
+            timed_out = True
+            log.info("wall-clock budget of %.1f min reached at step %d", cfg.max_minutes, step)
+        if step % cfg.val_every == 0 or step == cfg.max_steps or timed_out:
             if validator is not None:
                 metric = float(validator(net, step))
             else:
@@ -386,17 +456,19 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
                 tb.add_scalar("val_metric", row["val_metric"], step)
         if callback is not None:
             callback(step, row["loss"], row["val_metric"])
-        if step % cfg.checkpoint_every == 0 or stopped or step == cfg.max_steps:
+        if step % cfg.checkpoint_every == 0 or stopped or timed_out or step == cfg.max_steps:
             _save({"step": step, "model": net.state_dict(), "optimizer": opt.state_dict(),
                    "early_stopping": stopper.state_dict(), "log": rows, "core": core,
                    "scaler": scaler.state_dict() if amp else {},
-                   "best_metric": best_metric, "best_step": best_step}, last)
+                   "best_metric": best_metric, "best_step": best_step,
+                   "elapsed_s": elapsed}, last)
             _write_logs(out, rows)
     if tb is not None:
         tb.close()
     _write_logs(out, rows)
     log.info("trained %d steps in %.1f s", step - start, time.monotonic() - t0)
-    result = TrainResult(out, step, stopped, best_metric, best_step, rows, resumed_from)
+    result = TrainResult(out, step, stopped, best_metric, best_step, rows, resumed_from,
+                         minutes=(time.monotonic() - t_data) / 60.0, timed_out=timed_out)
     if export:
         from medinfer.training.export import export_model_folder
 
@@ -404,7 +476,8 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
         if best.is_file():
             net.load_state_dict(torch.load(str(best), map_location="cpu",
                                            weights_only=True)["model"])
-        export_model_folder(net, cfg, out, result=result)
+        model_dir = Path(cfg.export_dir) if cfg.export_dir is not None else out
+        export_model_folder(net, cfg, model_dir, result=result)
         from medinfer.training.evaluate import evaluate_model
         from medinfer.training.figures import CURVES_PNG, training_curves
 
@@ -413,9 +486,29 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
         val_list = out / "validation_cases.json"
         write_text_atomic(val_list, json.dumps(
             [{"case": c, "image": str(Path(by_id[c].image).resolve()),
+              "channels": [str(Path(p).resolve()) for p in by_id[c].channels],
               "label": str(Path(by_id[c].label).resolve())} for c in val_ids], indent=1) + "\n")
-        evaluate_model(out, out / "evaluation", cases=val_list, device=cfg.device)
+        evaluate_model(model_dir, out / "evaluation", cases=val_list, device=cfg.device)
     return result
+
+
+def _bank(pair: Any, cfg: TrainConfig, index: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The simulated-acquisition bank of one training case (config ``acquisition``)."""
+    from medinfer.training.acquisition import build_bank
+    from medinfer.training.data import load_source_case
+
+    if cfg.acquisition is None:
+        raise ConfigError("acquisition: not configured")
+    img, lab = load_source_case(pair)
+    values = np.unique(np.rint(np.asarray(lab.array)))
+    bad = values[(values < 0) | (values >= cfg.n_classes)]
+    if bad.size:
+        raise ConfigError(f"case {pair.case}: label values {bad[:10].tolist()} outside "
+                          f"0..{cfg.n_classes - 1} (labels_map / num_classes)")
+    lab = lab.with_array(np.rint(np.asarray(lab.array)).astype(np.int16))
+    return build_bank(img, lab, cfg.acquisition, seed=cfg.seed, case_index=index,
+                      orientation=cfg.orientation, spacing=cfg.spacing,
+                      normalization=cfg.normalization)
 
 
 def _max_label(pairs: list[Any]) -> int:
