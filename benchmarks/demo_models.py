@@ -1,7 +1,7 @@
 """Benchmark: the bundled demo models against the targets of issue 16.
 
 ``demo-nodules`` (heat-map detector of synthetic lesions) on the held-out set checked into
-``tests/data/nodules_heldout/`` (8 scans, 48 lesions, seed 20261130; see
+``tests/data/nodules_heldout/`` (16 scans, 96 lesions, seed 20261130; see
 :mod:`medinfer.training.nodules_eval`) plus ``--extra-scans`` more scans of the same
 construction (seed 20261131) made here, at the default threshold (card defaults, no TTA):
 sensitivity for lesions >= 5 mm and 4-5 mm, false positives per scan away from the host's
