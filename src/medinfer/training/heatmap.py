@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -269,17 +268,7 @@ def train_heatmap(cfg: TrainConfig, *, resume: bool = True, validator: Any = Non
     import torch
 
     from medinfer.models.loaders import resolve_device
-    from medinfer.training.loop import (
-        EarlyStopping,
-        TrainResult,
-        _save,
-        _tensorboard,
-        _write_logs,
-        build,
-        load_init_weights,
-        lr_at,
-        resolve_patience,
-    )
+    from medinfer.training.loop import build, load_best, run_steps
 
     assert cfg.out is not None  # checked by train()
     out = Path(cfg.out)
@@ -291,122 +280,37 @@ def train_heatmap(cfg: TrainConfig, *, resume: bool = True, validator: Any = Non
     val_x, val_y = data.batch(np.random.default_rng([cfg.seed, _VAL_STREAM]),
                               cfg.synthetic.val_patches if cfg.synthetic else 1)
     device = resolve_device(cfg.device)
-    amp = device.type == "cuda"
     net = build(cfg).to(device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = _loss_fn(cfg)
-    stopper = EarlyStopping(resolve_patience(cfg), cfg.min_delta)
-    ckpt_dir = out / "checkpoints"
-    rows: list[dict[str, Any]] = []
-    start = 0
-    best_metric: float | None = None
-    best_step: int | None = None
-    resumed_from = None
-    elapsed_before = 0.0
     dumped = cfg.to_yaml_dict()
     core = {k: dumped[k] for k in ("network", "network_kwargs", "patch_size", "seed", "loss",
                                    "lr", "batch_size", "schedule", "normalization", "spacing",
                                    "target", "heatmap", "synthetic", "ce_weight",
                                    "dice_weight")}
-    last = ckpt_dir / "last.pt"
-    if resume and last.is_file():
-        state = torch.load(str(last), map_location="cpu", weights_only=True)
-        if state.get("core") != json.loads(json.dumps(core)):
-            raise ConfigError(f"{last}: checkpoint of a different configuration; use another "
-                              "out folder or start fresh (--no-resume)")
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if amp and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        stopper.load_state_dict(state["early_stopping"])
-        rows = list(state["log"])
-        start = int(state["step"])
-        best_metric, best_step = state["best_metric"], state["best_step"]
-        elapsed_before = float(state.get("elapsed_s", 0.0))
-        resumed_from = start
-        log.info("resuming %s at step %d", out, start)
-    elif cfg.init_weights is not None:
-        load_init_weights(net, cfg.init_weights, device)
-    tb = _tensorboard(out)
     syn = cfg.synthetic
     buffer = ReplayBuffer(data, cfg.seed, syn.buffer, syn.fresh_per_step) \
         if syn is not None and syn.buffer > 0 else None
-    stopped = bool(rows and rows[-1].get("stop"))
-    timed_out = False
-    step = start
-    net.train()
-    t0 = time.monotonic()
-    while step < cfg.max_steps and not stopped and not timed_out:
-        rng = np.random.default_rng([cfg.seed, step])
+
+    def make_batch(step: int, rng: np.random.Generator) -> tuple[Any, Any]:
         torch.manual_seed(int(rng.integers(2**31)))
         if buffer is not None:
             xb, yb = buffer.batch(step, rng, cfg.batch_size)
         else:
             xb, yb = data.batch(rng, cfg.batch_size)
-        x = torch.from_numpy(xb).to(device)
-        y = torch.from_numpy(yb).to(device)
-        time_frac = 0.0
-        if cfg.time_schedule and cfg.max_minutes is not None:
-            time_frac = (elapsed_before + time.monotonic() - t0) / (60.0 * cfg.max_minutes)
-        lr = lr_at(cfg, step, time_frac)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            loss = loss_fn(net(x).float(), y)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        step += 1
-        row: dict[str, Any] = {"step": step, "loss": float(loss.detach()), "lr": lr,
-                               "val_metric": None}
-        elapsed = elapsed_before + time.monotonic() - t0
-        if cfg.max_minutes is not None and elapsed > 60.0 * cfg.max_minutes:
-            timed_out = True
-            log.info("wall-clock budget of %.1f min reached at step %d", cfg.max_minutes, step)
-        if step % cfg.val_every == 0 or step == cfg.max_steps or timed_out:
-            metric = float(validator(net, step)) if validator is not None \
-                else soft_dice(net, val_x, val_y)
-            row["val_metric"] = metric
-            if best_metric is None or metric > best_metric:
-                best_metric, best_step = metric, step
-                _save({"step": step, "model": net.state_dict(), "metric": metric},
-                      ckpt_dir / "best.pt")
-            if stopper.step(metric):
-                stopped = True
-                row["stop"] = True
-                log.info("early stopping at step %d (patience %s)", step, stopper.patience)
-        rows.append(row)
-        if tb is not None:
-            tb.add_scalar("loss", row["loss"], step)
-            if row["val_metric"] is not None:
-                tb.add_scalar("val_metric", row["val_metric"], step)
-        if callback is not None:
-            callback(step, row["loss"], row["val_metric"])
-        if step % cfg.checkpoint_every == 0 or stopped or timed_out or step == cfg.max_steps:
-            _save({"step": step, "model": net.state_dict(), "optimizer": opt.state_dict(),
-                   "early_stopping": stopper.state_dict(), "log": rows, "core": core,
-                   "scaler": scaler.state_dict() if amp else {},
-                   "best_metric": best_metric, "best_step": best_step,
-                   "elapsed_s": elapsed}, last)
-            _write_logs(out, rows)
-    if tb is not None:
-        tb.close()
-    _write_logs(out, rows)
-    minutes = (elapsed_before + time.monotonic() - t0) / 60.0
-    log.info("trained %d steps in %.1f min (this run: %d steps)", step, minutes, step - start)
-    result = TrainResult(out, step, stopped, best_metric, best_step, rows, resumed_from,
-                         minutes=minutes, timed_out=timed_out)
+        return torch.from_numpy(xb).to(device), torch.from_numpy(yb).to(device)
+
+    def validate(net: Any, step: int) -> float:
+        return float(validator(net, step)) if validator is not None \
+            else soft_dice(net, val_x, val_y)
+
+    result = run_steps(cfg, net, _loss_fn(cfg), out=out, core=core, device=device,
+                       make_batch=make_batch, validate=validate, resume=resume,
+                       callback=callback)
     if export:
         from medinfer.training.export import export_model_folder
         from medinfer.training.figures import CURVES_PNG, training_curves
 
-        best = ckpt_dir / "best.pt"
-        if best.is_file():
-            net.load_state_dict(torch.load(str(best), map_location="cpu",
-                                           weights_only=True)["model"])
+        load_best(net, out)
         export_model_folder(net, cfg, Path(cfg.export_dir) if cfg.export_dir else out,
                             result=result)
-        training_curves(rows, out / CURVES_PNG)
+        training_curves(result.log, out / CURVES_PNG)
     return result

@@ -274,6 +274,139 @@ def _tensorboard(out: Path) -> Any:
     return SummaryWriter(str(out / "tensorboard"))
 
 
+#: one training batch: (step, rng of the step) -> (input, target) on the device; it seeds
+#: whatever else it draws from (augmentation, torch) from that rng
+BatchFn = Callable[[int, np.random.Generator], tuple[Any, Any]]
+
+
+def run_steps(cfg: TrainConfig, net: Any, loss_fn: Any, *, out: Path, core: dict[str, Any],
+              device: Any, make_batch: BatchFn, validate: Validator, resume: bool,
+              callback: StepCallback | None) -> TrainResult:
+    """The step loop of both trainers (segmentation and heat map), from start or resumed.
+
+    AdamW, the learning-rate schedule (:func:`lr_at`, by steps or by the wall-clock budget),
+    float16 autocast + gradient scaling on CUDA, validation every ``val_every`` steps with
+    ``best.pt``, early stopping, ``last.pt`` every ``checkpoint_every`` steps (network,
+    optimizer, scaler, early stopping, log, elapsed time and ``core``: the settings a
+    resumed run must share), CSV/JSON logs and TensorBoard. Step ``s`` draws only from
+    ``numpy.random.default_rng([cfg.seed, s])``, so a resumed run repeats an uninterrupted
+    one. ``init_weights`` is loaded when nothing is resumed.
+
+    Returns
+    -------
+    TrainResult
+        ``minutes`` = wall-clock minutes of the loop, over all resumed runs.
+
+    Raises
+    ------
+    ConfigError
+        ``last.pt`` of another ``core``; unusable ``init_weights``.
+    """
+    import torch
+
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    stopper = EarlyStopping(resolve_patience(cfg), cfg.min_delta)
+    ckpt_dir = out / "checkpoints"
+    rows: list[dict[str, Any]] = []
+    start = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    resumed_from = None
+    elapsed_before = 0.0
+    last = ckpt_dir / "last.pt"
+    if resume and last.is_file():
+        state = torch.load(str(last), map_location="cpu", weights_only=True)
+        if state.get("core") != json.loads(json.dumps(core)):
+            raise ConfigError(f"{last}: checkpoint of a different configuration; use another "
+                              "out folder or start fresh (--no-resume)")
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if amp and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        stopper.load_state_dict(state["early_stopping"])
+        rows = list(state["log"])
+        start = int(state["step"])
+        best_metric, best_step = state["best_metric"], state["best_step"]
+        elapsed_before = float(state.get("elapsed_s", 0.0))
+        resumed_from = start
+        log.info("resuming %s at step %d", out, start)
+    elif cfg.init_weights is not None:
+        load_init_weights(net, cfg.init_weights, device)
+    stopped = bool(rows and rows[-1].get("stop"))
+    if stopped:
+        log.info("run in %s already finished (early stopping at step %d)", out, start)
+    tb = _tensorboard(out)
+    timed_out = False
+    step = start
+    net.train()
+    t0 = time.monotonic()
+    while step < cfg.max_steps and not stopped and not timed_out:
+        x, y = make_batch(step, np.random.default_rng([cfg.seed, step]))
+        time_frac = 0.0
+        if cfg.time_schedule and cfg.max_minutes is not None:
+            time_frac = (elapsed_before + time.monotonic() - t0) / (60.0 * cfg.max_minutes)
+        lr = lr_at(cfg, step, time_frac)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            loss = loss_fn(net(x).float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        step += 1
+        row: dict[str, Any] = {"step": step, "loss": float(loss.detach()), "lr": lr,
+                               "val_metric": None}
+        elapsed = elapsed_before + time.monotonic() - t0
+        if cfg.max_minutes is not None and elapsed > 60.0 * cfg.max_minutes:
+            timed_out = True
+            log.info("wall-clock budget of %.1f min reached at step %d", cfg.max_minutes, step)
+        if step % cfg.val_every == 0 or step == cfg.max_steps or timed_out:
+            metric = float(validate(net, step))
+            row["val_metric"] = metric
+            if best_metric is None or metric > best_metric:
+                best_metric, best_step = metric, step
+                _save({"step": step, "model": net.state_dict(), "metric": metric},
+                      ckpt_dir / "best.pt")
+            if stopper.step(metric):
+                stopped = True
+                row["stop"] = True
+                log.info("early stopping at step %d (patience %s)", step, stopper.patience)
+        rows.append(row)
+        if tb is not None:
+            tb.add_scalar("loss", row["loss"], step)
+            if row["val_metric"] is not None:
+                tb.add_scalar("val_metric", row["val_metric"], step)
+        if callback is not None:
+            callback(step, row["loss"], row["val_metric"])
+        if step % cfg.checkpoint_every == 0 or stopped or timed_out or step == cfg.max_steps:
+            _save({"step": step, "model": net.state_dict(), "optimizer": opt.state_dict(),
+                   "early_stopping": stopper.state_dict(), "log": rows, "core": core,
+                   "scaler": scaler.state_dict() if amp else {},
+                   "best_metric": best_metric, "best_step": best_step,
+                   "elapsed_s": elapsed}, last)
+            _write_logs(out, rows)
+    if tb is not None:
+        tb.close()
+    _write_logs(out, rows)
+    minutes = (elapsed_before + time.monotonic() - t0) / 60.0
+    log.info("trained %d steps in %.1f min (this run: %d steps)", step, minutes, step - start)
+    return TrainResult(out, step, stopped, best_metric, best_step, rows, resumed_from,
+                       minutes=minutes, timed_out=timed_out)
+
+
+def load_best(net: Any, out: Path) -> None:
+    """Load ``<out>/checkpoints/best.pt`` into ``net`` when there is one (before export)."""
+    import torch
+
+    best = out / "checkpoints" / "best.pt"
+    if best.is_file():
+        net.load_state_dict(torch.load(str(best), map_location="cpu",
+                                       weights_only=True)["model"])
+
+
 def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
           validator: Validator | None = None, callback: StepCallback | None = None,
           export: bool = True) -> TrainResult:
@@ -349,55 +482,15 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
         banks = {c: _bank(by_id[c], cfg, train_ids.index(c)) for c in train_ids}
         log.info("acquisition banks of %d case(s) built in %.1f s", len(banks),
                  time.monotonic() - t_data)
+    t_loop = time.monotonic()
 
     from medinfer.models.loaders import resolve_device
 
     device = resolve_device(cfg.device)
-    amp = device.type == "cuda"
     net = build(cfg).to(device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = _loss_fn(cfg)
-    stopper = EarlyStopping(resolve_patience(cfg), cfg.min_delta)
-    ckpt_dir = out / "checkpoints"
-    rows: list[dict[str, Any]] = []
-    start = 0
-    best_metric: float | None = None
-    best_step: int | None = None
-    resumed_from = None
-    elapsed_before = 0.0
-    core = {k: cfg.to_yaml_dict()[k] for k in _RESUME_KEYS}
-    last = ckpt_dir / "last.pt"
-    if resume and last.is_file():
-        state = torch.load(str(last), map_location="cpu", weights_only=True)
-        if state.get("core") != json.loads(json.dumps(core)):
-            raise ConfigError(f"{last}: checkpoint of a different configuration; use another "
-                              "out folder or start fresh (--no-resume)")
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if amp and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        stopper.load_state_dict(state["early_stopping"])
-        rows = list(state["log"])
-        start = int(state["step"])
-        best_metric = state["best_metric"]
-        best_step = state["best_step"]
-        elapsed_before = float(state.get("elapsed_s", 0.0))
-        resumed_from = start
-        log.info("resuming %s at step %d", out, start)
-    elif cfg.init_weights is not None:
-        load_init_weights(net, cfg.init_weights, device)
-    if state_done := (rows and rows[-1].get("stop")):
-        log.info("run in %s already finished (early stopping at step %d)", out, start)
-    tb = _tensorboard(out)
     xforms = train_transforms(cfg)
-    stopped = bool(state_done)
-    step = start
-    net.train()
-    t0 = time.monotonic()
-    timed_out = False
-    while step < cfg.max_steps and not stopped and not timed_out:
-        rng = np.random.default_rng([cfg.seed, step])
+
+    def make_batch(step: int, rng: np.random.Generator) -> tuple[Any, Any]:
         xforms.set_random_state(seed=int(rng.integers(2**31)))
         torch.manual_seed(int(rng.integers(2**31)))
         imgs, labs = [], []
@@ -414,74 +507,29 @@ def train(config: TrainConfig | dict[str, Any], *, resume: bool = True,
             sample = sample[0] if isinstance(sample, list) else sample
             imgs.append(torch.as_tensor(np.asarray(sample["image"])))
             labs.append(torch.as_tensor(np.asarray(sample["label"])).round())
-        x = torch.stack(imgs).float().to(device)
-        y = torch.stack(labs).long().to(device)
-        time_frac = 0.0
-        if cfg.time_schedule and cfg.max_minutes is not None:
-            time_frac = (elapsed_before + time.monotonic() - t0) / (60.0 * cfg.max_minutes)
-        lr = lr_at(cfg, step, time_frac)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            loss = loss_fn(net(x), y)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        step += 1
-        row: dict[str, Any] = {"step": step, "loss": float(loss.detach()), "lr": lr,
-                               "val_metric": None}
-        elapsed = elapsed_before + time.monotonic() - t0
-        if cfg.max_minutes is not None and elapsed > 60.0 * cfg.max_minutes:
-            timed_out = True
-            log.info("wall-clock budget of %.1f min reached at step %d", cfg.max_minutes, step)
-        if step % cfg.val_every == 0 or step == cfg.max_steps or timed_out:
-            if validator is not None:
-                metric = float(validator(net, step))
-            else:
-                metric = float(np.mean([mean_dice_case(net, get(v), cfg) for v in val_ids]))
-            row["val_metric"] = metric
-            if best_metric is None or metric > best_metric:
-                best_metric, best_step = metric, step
-                _save({"step": step, "model": net.state_dict(), "metric": metric},
-                      ckpt_dir / "best.pt")
-            if stopper.step(metric):
-                stopped = True
-                row["stop"] = True
-                log.info("early stopping at step %d (patience %s)", step, stopper.patience)
-        rows.append(row)
-        if tb is not None:
-            tb.add_scalar("loss", row["loss"], step)
-            if row["val_metric"] is not None:
-                tb.add_scalar("val_metric", row["val_metric"], step)
-        if callback is not None:
-            callback(step, row["loss"], row["val_metric"])
-        if step % cfg.checkpoint_every == 0 or stopped or timed_out or step == cfg.max_steps:
-            _save({"step": step, "model": net.state_dict(), "optimizer": opt.state_dict(),
-                   "early_stopping": stopper.state_dict(), "log": rows, "core": core,
-                   "scaler": scaler.state_dict() if amp else {},
-                   "best_metric": best_metric, "best_step": best_step,
-                   "elapsed_s": elapsed}, last)
-            _write_logs(out, rows)
-    if tb is not None:
-        tb.close()
-    _write_logs(out, rows)
-    log.info("trained %d steps in %.1f s", step - start, time.monotonic() - t0)
-    result = TrainResult(out, step, stopped, best_metric, best_step, rows, resumed_from,
-                         minutes=(time.monotonic() - t_data) / 60.0, timed_out=timed_out)
+        return torch.stack(imgs).float().to(device), torch.stack(labs).long().to(device)
+
+    def validate(net: Any, step: int) -> float:
+        if validator is not None:
+            return float(validator(net, step))
+        return float(np.mean([mean_dice_case(net, get(v), cfg) for v in val_ids]))
+
+    core = {k: cfg.to_yaml_dict()[k] for k in _RESUME_KEYS}
+    result = run_steps(cfg, net, _loss_fn(cfg), out=out, core=core, device=device,
+                       make_batch=make_batch, validate=validate, resume=resume,
+                       callback=callback)
+    # minutes: the loop over all runs plus this run's data preparation (acquisition banks)
+    result.minutes = (result.minutes or 0.0) + (t_loop - t_data) / 60.0
     if export:
         from medinfer.training.export import export_model_folder
 
-        best = ckpt_dir / "best.pt"
-        if best.is_file():
-            net.load_state_dict(torch.load(str(best), map_location="cpu",
-                                           weights_only=True)["model"])
+        load_best(net, out)
         model_dir = Path(cfg.export_dir) if cfg.export_dir is not None else out
         export_model_folder(net, cfg, model_dir, result=result)
         from medinfer.training.evaluate import evaluate_model
         from medinfer.training.figures import CURVES_PNG, training_curves
 
-        training_curves(rows, out / CURVES_PNG)
+        training_curves(result.log, out / CURVES_PNG)
         # the suite's figures and metric tables for the validation cases
         val_list = out / "validation_cases.json"
         write_text_atomic(val_list, json.dumps(
