@@ -121,7 +121,7 @@ def build_v1_2d_model() -> Path:
 
 def _write_v1_raw(root: Path) -> None:
     """The v1 oracle's raw task, renamed to this task."""
-    v1o._write_raw(root)
+    v1o.write_raw(root)
     raw = root / "raw" / "nnUNet_raw_data"
     src, dst = raw / v1o.TASK, raw / V1_TASK
     if dst.exists():

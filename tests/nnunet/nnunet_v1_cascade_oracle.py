@@ -30,14 +30,13 @@ Cached under ``.venv-nnunetv1/cache/<hash>/`` (with :mod:`nnunet_v1_oracle`'s ca
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nnunet_oracle import REPO, blob_case, save_nifti
-from nnunet_v1_oracle import PINS, _run, v1_env
+from nnunet_oracle import REPO
+from nnunet_v1_oracle import PINS, _run, v1_env, write_raw
 
 TASK_ID = 992
 TASK = f"Task{TASK_ID}_BlobCascadeV1"
@@ -109,29 +108,6 @@ def _key() -> str:
     return h.hexdigest()[:16]
 
 
-def _write_raw(root: Path) -> None:
-    raw = root / "raw" / "nnUNet_raw_data" / TASK
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
-        (raw / sub).mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(992)
-    training = []
-    for i in range(N_TRAIN):
-        img, lab = blob_case(rng, SHAPE, SPACING)
-        aff = np.diag([*SPACING, 1.0])
-        aff[:3, 3] = [-10.0 * i, 5.0, 3.0]
-        for c in range(2):
-            save_nifti(img[c], aff, raw / "imagesTr" / f"blob_{i:03d}_{c:04d}.nii.gz")
-        save_nifti(lab, aff, raw / "labelsTr" / f"blob_{i:03d}.nii.gz")
-        training.append({"image": f"./imagesTr/blob_{i:03d}.nii.gz",
-                         "label": f"./labelsTr/blob_{i:03d}.nii.gz"})
-    (raw / "dataset.json").write_text(json.dumps({
-        "name": "BlobCascadeV1", "description": "synthetic", "tensorImageSize": "4D",
-        "modality": {"0": "CT", "1": "MRI"},
-        "labels": {"0": "background", "1": "bright", "2": "dark"},
-        "numTraining": N_TRAIN, "numTest": 0, "training": training, "test": [],
-    }, indent=2))
-
-
 def results_root() -> Path:
     """``RESULTS_FOLDER`` of the cascade models (built on first use, then cached)."""
     root = REPO / ".venv-nnunetv1" / "cache" / _key()
@@ -144,7 +120,8 @@ def results_root() -> Path:
     env = v1_env(root)
     pre = root / "preprocessed" / TASK
     if not (pre / "nnUNetPlansv2.1_plans_3D.pkl").is_file():
-        _write_raw(root)
+        write_raw(root, TASK, seed=992, name="BlobCascadeV1", shape=SHAPE, spacing=SPACING,
+                  n_train=N_TRAIN)
         _run(["-c", _PLAN, TASK, str(VRAM_REFERENCE)], env)
     _run(["-c", _MAKE, str(pre), str(lowres), str(cascade)], env)
     return root / "results"

@@ -104,16 +104,19 @@ def _run(args: list[str], env: dict[str, str]) -> None:
                            f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
 
 
-def _write_raw(root: Path) -> None:
-    raw = root / "raw" / "nnUNet_raw_data" / TASK
-    (raw / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (raw / "labelsTr").mkdir(parents=True, exist_ok=True)
-    (raw / "imagesTs").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(4321)
+def write_raw(root: Path, task: str = TASK, *, seed: int = 4321, name: str = "BlobV1",
+              shape: tuple[int, int, int] = SHAPE,
+              spacing: tuple[float, float, float] = SPACING, n_train: int = N_TRAIN) -> None:
+    """nnU-Net v1 raw data of synthetic two-channel (CT, MRI) blob cases:
+    ``<root>/raw/nnUNet_raw_data/<task>/{imagesTr,labelsTr,imagesTs}`` + ``dataset.json``."""
+    raw = root / "raw" / "nnUNet_raw_data" / task
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (raw / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
     training = []
-    for i in range(N_TRAIN):
-        img, lab = blob_case(rng, SHAPE, SPACING)
-        aff = np.diag([*SPACING, 1.0])
+    for i in range(n_train):
+        img, lab = blob_case(rng, shape, spacing)
+        aff = np.diag([*spacing, 1.0])
         aff[:3, 3] = [-10.0 * i, 5.0, 3.0]
         for c in range(2):
             save_nifti(img[c], aff, raw / "imagesTr" / f"blob_{i:03d}_{c:04d}.nii.gz")
@@ -121,10 +124,10 @@ def _write_raw(root: Path) -> None:
         training.append({"image": f"./imagesTr/blob_{i:03d}.nii.gz",
                          "label": f"./labelsTr/blob_{i:03d}.nii.gz"})
     (raw / "dataset.json").write_text(json.dumps({
-        "name": "BlobV1", "description": "synthetic", "tensorImageSize": "4D",
+        "name": name, "description": "synthetic", "tensorImageSize": "4D",
         "modality": {"0": "CT", "1": "MRI"},
         "labels": {"0": "background", "1": "bright", "2": "dark"},
-        "numTraining": N_TRAIN, "numTest": 0, "training": training, "test": [],
+        "numTraining": n_train, "numTest": 0, "training": training, "test": [],
     }, indent=2))
 
 
@@ -138,7 +141,7 @@ def build_v1_model() -> Path:
     root.mkdir(parents=True, exist_ok=True)
     env = v1_env(root)
     if not (root / "preprocessed" / TASK / "nnUNetPlansv2.1_plans_3D.pkl").is_file():
-        _write_raw(root)
+        write_raw(root)
         _run(["-m", "nnunet.experiment_planning.nnUNet_plan_and_preprocess", "-t",
               str(TASK_ID), "-tl", "1", "-tf", "1", "-pl2d", "None"], env)
     _run(["-c", _MAKE, str(root / "preprocessed" / TASK), str(folder), "0"], env)
