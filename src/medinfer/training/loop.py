@@ -274,8 +274,10 @@ def _tensorboard(out: Path) -> Any:
     return SummaryWriter(str(out / "tensorboard"))
 
 
-#: one training batch: (step, rng of the step) -> (input, target) on the device; it seeds
-#: whatever else it draws from (augmentation, torch) from that rng
+#: one training batch: (step, rng of the step) -> (input, target) torch tensors on the device;
+#: input float32 ``(N, C, I, J, K)`` on the model grid (axes of ``cfg.orientation``, voxel
+#: size ``cfg.spacing`` mm), target ``(N, 1, I, J, K)`` (int64 labels, or float32 heat map);
+#: it seeds whatever else it draws from (augmentation, torch) from that rng
 BatchFn = Callable[[int, np.random.Generator], tuple[Any, Any]]
 
 
