@@ -258,12 +258,16 @@ def test_stale_temporaries_of_this_case_only(tmp_path: Path) -> None:
         for p in tmp.values():
             p.write_bytes(b"partial")
             (tmp_path / p.name.replace(".part", ".x.part")).write_bytes(b"partial")
+            # a writer that is itself atomic, handed a temporary path, nests one more
+            # temporary in it (".<tmp name>.<random>.part<suffix>": two leading dots)
+            (tmp_path / f".{p.name}.q7z.part{''.join(p.suffixes[-1:])}").write_bytes(b"p")
         raise RuntimeError("killed")
     names = {p.name for p in tmp_path.iterdir()}
-    assert len(names) == 3 and all(n.startswith(".") for n in names)
+    assert len(names) == 6 and all(n.startswith(".") for n in names)
     remove_stale_temporaries(tmp_path, "a")
-    left = [n for n in os.listdir(tmp_path)]
-    assert len(left) == 1 and left[0].startswith(".a_b_seg.nii.gz")
+    left = sorted(os.listdir(tmp_path))
+    assert len(left) == 2, left
+    assert left[0].startswith("..a_b_seg.nii.gz") and left[1].startswith(".a_b_seg.nii.gz")
 
 
 def test_stale_manifest_temporaries_of_this_part_only(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from batch_helpers import final_files, manifest, write_nifti
 from medinfer.cli import main
 from medinfer.distributed import ACTOR_NAME_PREFIX, distributed_inference
 
-N_CASES = 8
+N_CASES = 16  # enough that the run outlasts the killer's reaction
 
 
 def _run(args: list[str]) -> int:
@@ -35,7 +35,7 @@ def _run(args: list[str]) -> int:
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> tuple[Path, Path]:
-    """8 NIfTI cases and their outputs from the local (non-Ray) batch run."""
+    """``N_CASES`` NIfTI cases and their outputs from the local (non-Ray) batch run."""
     root = tmp_path_factory.mktemp("cohort")
     folder = root / "in"
     folder.mkdir()
@@ -76,14 +76,21 @@ def test_local_ray_equals_local_run_and_survives_a_killed_worker(
     before = set(ray.util.list_named_actors())
 
     def killer() -> None:
+        # the actor handle is taken while the run starts, so the kill follows the first
+        # written case within one poll (a lookup after it can find the run finished)
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not list(out2.glob("*_stats.json")):
-            time.sleep(0.05)
-        for name in sorted(ray.util.list_named_actors()):
-            if name.startswith(ACTOR_NAME_PREFIX) and name not in before:
-                ray.kill(ray.get_actor(name), no_restart=True)
-                killed.append(name)
+        handle: tuple[str, object] | None = None
+        while time.monotonic() < deadline:
+            if handle is None:
+                mine = sorted(n for n in ray.util.list_named_actors()
+                              if n.startswith(ACTOR_NAME_PREFIX) and n not in before)
+                if mine:
+                    handle = (mine[0], ray.get_actor(mine[0]))
+            if handle is not None and any(out2.glob("*_stats.json")):
+                ray.kill(handle[1], no_restart=True)
+                killed.append(handle[0])
                 return
+            time.sleep(0.01)
 
     t = threading.Thread(target=killer)
     t.start()
