@@ -32,6 +32,32 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path: Path):
     assert list(target.parent.iterdir()) == []
 
 
+def test_atomic_writer_inside_atomic_paths_does_not_nest(tmp_path: Path):
+    """A writer that is itself atomic (write_nifti), handed a temporary of
+    atomic_paths, writes into it: one temporary per file, one rename."""
+    import numpy as np
+
+    from medinfer._atomic import atomic_paths
+    from medinfer.io.nifti import read_nifti, write_nifti
+    from medinfer.volume import Volume
+
+    final = tmp_path / "c_seg.nii.gz"
+    vol = Volume(np.arange(24, dtype=np.int16).reshape(1, 2, 3, 4), np.diag([2.0, 1, 3, 1]))
+    seen: list[list[str]] = []
+    with atomic_paths({"seg": final}) as tmp:
+        with atomic_path(tmp["seg"]) as inner:
+            assert inner == tmp["seg"]
+            seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        write_nifti(vol, tmp["seg"])  # into the temporary, renamed by atomic_paths
+        assert final.exists() is False
+    assert seen == [[tmp["seg"].name]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c_seg.nii.gz"]
+    np.testing.assert_array_equal(np.asarray(read_nifti(final).array), vol.array)
+    with atomic_path(final) as again:  # no longer a live temporary: a fresh one
+        assert again != tmp["seg"] and again.name.startswith(".c_seg.nii.gz.")
+        again.write_bytes(b"x")
+
+
 def test_atomic_write_replaces_existing(tmp_path: Path):
     target = tmp_path / "a.json"
     write_text_atomic(target, "one")

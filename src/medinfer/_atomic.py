@@ -24,10 +24,33 @@ def _current_umask() -> int:
 
 _UMASK = _current_umask()
 
+# temporaries this process is writing now (atomic_path / atomic_paths): a writer that is
+# itself atomic and is handed one of them writes into it directly -- its owner renames
+# it -- instead of nesting a second temporary (a second rename, and a stray file when
+# the process is killed in between)
+_LIVE: set[Path] = set()
+
 
 def _suffixes(path: Path) -> str:
     # keep ".nii.gz" etc. so that libraries choosing a writer by suffix still work
     return "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
+
+
+def _new_temporary(final: Path) -> Path:
+    """Create ``.<name>.<random>.part<suffixes>`` next to ``final`` (registered live)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # the temporary name is bounded (a 243-character final name must not make the
+    # temporary one exceed NAME_MAX = 255 bytes); the final suffixes are kept
+    fd, name = tempfile.mkstemp(
+        prefix=f".{final.name[:80]}.", suffix=".part" + _suffixes(final)[-24:],
+        dir=final.parent,
+    )
+    os.close(fd)
+    # mkstemp creates mode 0600; give the result the permissions a plain open() would
+    os.chmod(name, 0o666 & ~_UMASK)
+    tmp = Path(name)
+    _LIVE.add(tmp)
+    return tmp
 
 
 @contextlib.contextmanager
@@ -36,20 +59,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     The temporary name keeps the final suffixes (``.nii.gz``) and starts with a dot,
     so directory listings and globbing for results do not pick it up. On error it is
-    removed and the exception propagates.
+    removed and the exception propagates. A ``path`` that is itself a temporary of an
+    enclosing :func:`atomic_path` / :func:`atomic_paths` in this process is yielded as
+    it is (the enclosing write renames it).
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # the temporary name is bounded (a 243-character final name must not make the
-    # temporary one exceed NAME_MAX = 255 bytes); the final suffixes are kept
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{final.name[:80]}.", suffix=".part" + _suffixes(final)[-24:],
-        dir=final.parent,
-    )
-    os.close(fd)
-    tmp = Path(tmp_name)
-    # mkstemp creates mode 0600; give the result the permissions a plain open() would
-    os.chmod(tmp, 0o666 & ~_UMASK)
+    if final in _LIVE:  # already a temporary of an enclosing atomic write
+        yield final
+        return
+    tmp = _new_temporary(final)
     try:
         yield tmp
         os.replace(tmp, final)
@@ -57,6 +75,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+    finally:
+        _LIVE.discard(tmp)
 
 
 def _check_replaceable(final: Path) -> None:
@@ -88,14 +108,7 @@ def atomic_paths(
     tmps: dict[str, Path] = {}
     try:
         for key, final in finals.items():
-            final.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(
-                prefix=f".{final.name[:80]}.", suffix=".part" + _suffixes(final)[-24:],
-                dir=final.parent,
-            )
-            os.close(fd)
-            tmps[key] = Path(name)
-            os.chmod(name, 0o666 & ~_UMASK)
+            tmps[key] = _new_temporary(final)
         yield tmps
         for final in finals.values():
             _check_replaceable(final)
@@ -114,6 +127,8 @@ def atomic_paths(
             with contextlib.suppress(OSError):
                 tmp.unlink()
         raise
+    finally:
+        _LIVE.difference_update(tmps.values())
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:

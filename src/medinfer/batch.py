@@ -411,10 +411,10 @@ def remove_stale_temporaries(out_dir: Path, name: str) -> None:
     """Delete temporary files a killed run left for case ``name`` (never final files)."""
     if not out_dir.is_dir():
         return
-    # ".<name>_<kind>.<...>.part<suffix>" (medinfer._atomic), or "..<name>_<kind>..." when
-    # an atomic writer was handed such a temporary path and nested its own; kinds have no
-    # "_", so the temporaries of a case "<name>_x" (perhaps being written by another part)
-    # never match
+    # ".<name>_<kind>.<...>.part<suffix>" (medinfer._atomic), or "..<name>_<kind>..." that
+    # earlier runs left when killed inside a writer that nested its own temporary;
+    # kinds have no "_", so the temporaries of a case "<name>_x" (perhaps being written
+    # by another part) never match
     mine = re.compile(rf"^\.+{re.escape(name)}_[^_.]+\..*\.part")
     for p in out_dir.iterdir():
         if mine.match(p.name) and p.is_file():

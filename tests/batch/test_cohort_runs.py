@@ -258,8 +258,8 @@ def test_stale_temporaries_of_this_case_only(tmp_path: Path) -> None:
         for p in tmp.values():
             p.write_bytes(b"partial")
             (tmp_path / p.name.replace(".part", ".x.part")).write_bytes(b"partial")
-            # a writer that is itself atomic, handed a temporary path, nests one more
-            # temporary in it (".<tmp name>.<random>.part<suffix>": two leading dots)
+            # what earlier runs left when killed inside a writer that nested its own
+            # temporary (".<tmp name>.<random>.part<suffix>": two leading dots)
             (tmp_path / f".{p.name}.q7z.part{''.join(p.suffixes[-1:])}").write_bytes(b"p")
         raise RuntimeError("killed")
     names = {p.name for p in tmp_path.iterdir()}
